@@ -1,0 +1,3 @@
+from imsys.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Wiring: build the dependencies, register the domains, run engine and HTTP together."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+import structlog
+from aiohttp import web
+from redis.asyncio import Redis
+
+from imsys.db import connect_pool
+from imsys.http.server import build_app, check_listen_safety
+from imsys.settings import Settings
+from imsys.streams.engine import Engine
+from imsys.streams.job import Registry
+
+log = structlog.get_logger("imsys.app")
+
+
+@dataclass(frozen=True)
+class Deps:
+    """Everything a handler may need, built once at start-up."""
+
+    settings: Settings
+    redis: Redis
+    db: asyncpg.Pool
+    engine: Engine
+    http: aiohttp.ClientSession
+
+
+def make_redis(settings: Settings) -> Redis:
+    return Redis.from_url(
+        settings.redis.url.get_secret_value(),
+        decode_responses=True,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+
+
+def register_domains(deps: Deps) -> None:
+    """Each domain registers its handlers and timers with the engine."""
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    """Run the service until SIGTERM/SIGINT; drain; return (exit 0)."""
+    check_listen_safety(settings.http)
+    async with AsyncExitStack() as stack:
+        redis = make_redis(settings)
+        stack.push_async_callback(redis.aclose)
+        db = await connect_pool(
+            settings.database.url.get_secret_value(),
+            min_size=settings.database.pool_min,
+            max_size=settings.database.pool_max,
+        )
+        stack.push_async_callback(db.close)
+        http = aiohttp.ClientSession()
+        stack.push_async_callback(http.close)
+        registry = Registry()
+        engine = Engine(redis, settings, registry)
+        deps = Deps(settings=settings, redis=redis, db=db, engine=engine, http=http)
+        register_domains(deps)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, engine.stop)
+
+        if settings.http.enabled:
+            app = build_app(engine, redis, db, settings.http.token.get_secret_value())
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, settings.http.host, settings.http.port)
+            await site.start()
+            log.info("http_listening", host=settings.http.host, port=settings.http.port)
+
+        # Objects alive now live for the whole process: keep them out of GC scans.
+        gc.freeze()
+        run = asyncio.create_task(engine.run())
+        if ready is not None:
+            await asyncio.wait(
+                [asyncio.create_task(engine.ready.wait()), run], return_when=asyncio.FIRST_COMPLETED
+            )
+            ready.set()
+        await run

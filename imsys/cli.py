@@ -1,0 +1,305 @@
+"""``python -m imsys [--config FILE] COMMAND``: run, migrate, check, queues, dlq, enqueue,
+bench, sim."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import orjson
+
+from imsys import logging as imsys_logging
+from imsys.errors import ConfigError
+from imsys.settings import STREAMS, Settings, load_settings
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _print_json(data: Any) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imsys", description=__doc__)
+    p.add_argument("--config", help="TOML settings file (default: $IMSYS_CONFIG)")
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the service (the default)")
+    sub.add_parser("migrate", help="apply schema.sql to the database (idempotent)")
+    sub.add_parser("check", help="exit 0 when Redis, PostgreSQL and the groups are healthy")
+
+    q = sub.add_parser("queues", help="per-stream figures, job progress and live processes")
+    q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dl = dsub.add_parser("list")
+    dl.add_argument("--stream", choices=STREAMS)
+    dl.add_argument("--limit", type=int, default=50)
+    dr = dsub.add_parser("replay")
+    dr.add_argument("id", nargs="?", help="dead-letter id (omit with --all)")
+    dr.add_argument("--all", action="store_true")
+    dr.add_argument("--stream", choices=STREAMS)
+    dp = dsub.add_parser("purge")
+    dp.add_argument("--stream", choices=STREAMS)
+    dp.add_argument("--older-than", type=float, metavar="HOURS")
+    dp.add_argument("--yes", action="store_true", help="do not ask")
+
+    e = sub.add_parser("enqueue", help="put one job on a stream")
+    e.add_argument("stream", choices=STREAMS)
+    e.add_argument("type")
+    e.add_argument("payload", help="a JSON object")
+    e.add_argument("--job-id", help="idempotency key")
+    e.add_argument("--delay", type=float, default=0.0, metavar="SECONDS")
+
+    b = sub.add_parser("bench", help="time the engine (JSON line, like bench/peers)")
+    b.add_argument("--jobs", type=int, default=20000)
+    b.add_argument("--sleep", type=float, default=0.0)
+    b.add_argument("--concurrency", type=int, default=50)
+
+    s = sub.add_parser("sim", help="run a simulator standalone")
+    s.add_argument("which", choices=("routeros", "bouncer", "gateway"))
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--username", default="admin")
+    s.add_argument("--password", default="")
+    s.add_argument("--api-key", default="sim-key")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"imsys: {exc}", file=sys.stderr)
+        return 2
+    fmt = settings.log.format
+    imsys_logging.configure(settings.log.level, json=None if fmt == "auto" else fmt == "json")
+    handler: Callable[[Settings, argparse.Namespace], int] = COMMANDS[command]
+    try:
+        return handler(settings, args)
+    except ConfigError as exc:
+        print(f"imsys: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_run(settings: Settings, _args: argparse.Namespace) -> int:
+    from imsys.app import serve
+
+    _run(serve(settings))
+    return 0
+
+
+def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    from imsys.db import migrate
+
+    _run(migrate(settings.database.url.get_secret_value()))
+    print("schema applied")
+    return 0
+
+
+async def _with_engine(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from imsys.app import make_redis
+    from imsys.streams.engine import Engine
+    from imsys.streams.job import Registry
+
+    redis = make_redis(settings)
+    try:
+        return await fn(Engine(redis, settings, Registry()))
+    finally:
+        await redis.aclose()
+
+
+def cmd_check(settings: Settings, _args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from imsys.streams.keys import GROUP
+
+    async def check(engine: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        try:
+            await engine.redis.ping()
+            groups = {}
+            for s in STREAMS:
+                try:
+                    names = [
+                        g["name"] for g in await engine.redis.xinfo_groups(engine.keys.stream(s))
+                    ]
+                except Exception:
+                    names = []
+                groups[s] = GROUP in names
+            out["redis"] = "ok"
+            out["groups"] = groups
+            out["processes"] = len(await engine.processes())
+        except Exception as exc:
+            out["redis"] = f"unavailable: {type(exc).__name__}"
+        try:
+            conn = await asyncpg.connect(settings.database.url.get_secret_value(), timeout=5)
+            try:
+                await conn.fetchval("SELECT 1")
+            finally:
+                await conn.close()
+            out["postgres"] = "ok"
+        except Exception as exc:
+            out["postgres"] = f"unavailable: {type(exc).__name__}"
+        return out
+
+    result = _run(_with_engine(settings, check))
+    healthy = result.get("redis") == "ok" and result.get("postgres") == "ok"
+    _print_json({"healthy": healthy, **result})
+    return 0 if healthy else 1
+
+
+def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
+    async def gather(engine: Any) -> dict[str, Any]:
+        return {
+            "streams": [f.as_dict() for f in await engine.figures()],
+            "dead_letters": await engine.dead_letters.count(),
+            "progress": await engine.progress(),
+            "processes": await engine.processes(),
+        }
+
+    data = _run(_with_engine(settings, gather))
+    if args.json:
+        _print_json(data)
+        return 0
+    cols = (
+        "stream",
+        "length",
+        "pending",
+        "lag",
+        "delayed",
+        "oldest_pending_age_s",
+        "processed",
+        "retried",
+        "dead",
+    )
+    print("  ".join(f"{c:>12}" for c in cols))
+    for row in data["streams"]:
+        cells = []
+        for c in cols:
+            v = row[c]
+            cells.append(
+                f"{v:>12.1f}" if isinstance(v, float) else f"{'-' if v is None else v!s:>12}"
+            )
+        print("  ".join(cells))
+    print(f"dead letters: {data['dead_letters']}   live processes: {len(data['processes'])}")
+    for stream, jobs in data["progress"].items():
+        for j in jobs:
+            total = f"/{j['total']}" if j.get("total") is not None else ""
+            note = f"  {j['note']}" if j.get("note") else ""
+            print(f"  {stream} {j['type']} {j['entry_id']}: {j['done']}{total}{note}")
+    return 0
+
+
+def cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    async def act(engine: Any) -> int:
+        dl = engine.dead_letters
+        if args.dlq_command == "list":
+            for d in await dl.list(limit=args.limit, stream=args.stream):
+                print(orjson.dumps(d.as_dict()).decode())
+            return 0
+        if args.dlq_command == "replay":
+            if args.all:
+                print(f"replayed {await dl.replay_all(stream=args.stream)}")
+                return 0
+            if not args.id:
+                print("imsys: give a dead-letter id or --all", file=sys.stderr)
+                return 2
+            new_id = await dl.replay(args.id)
+            if new_id is None:
+                print(f"imsys: no dead letter {args.id}", file=sys.stderr)
+                return 1
+            print(f"replayed {args.id} as {new_id}")
+            return 0
+        older = int(args.older_than * 3_600_000) if args.older_than is not None else None
+        print(f"purged {await dl.purge(stream=args.stream, older_than_ms=older)}")
+        return 0
+
+    if args.dlq_command == "purge" and not args.yes and sys.stdin.isatty():
+        scope = args.stream or "all streams"
+        if input(f"purge dead letters of {scope}? [y/N] ").strip().lower() != "y":
+            return 1
+    return _run(_with_engine(settings, act))
+
+
+def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        payload = orjson.loads(args.payload)
+    except orjson.JSONDecodeError as exc:
+        print(f"imsys: payload is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(payload, dict):
+        print("imsys: payload must be a JSON object", file=sys.stderr)
+        return 2
+
+    async def put(engine: Any) -> Any:
+        return await engine.producer.enqueue(
+            args.stream, args.type, payload, job_id=args.job_id, delay=args.delay
+        )
+
+    result = _run(_with_engine(settings, put))
+    if result.duplicate:
+        print(f"duplicate: a job with job_id {args.job_id!r} is waiting or running")
+        return 0
+    print(result.entry_id)
+    return 0
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from imsys.bench import print_result, run_bench
+
+    print_result(
+        _run(run_bench(settings, jobs=args.jobs, sleep=args.sleep, concurrency=args.concurrency))
+    )
+    return 0
+
+
+def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
+    started = time.time()
+    if args.which == "routeros":
+        from imsys.sim import routeros
+
+        coro: Coroutine[Any, Any, None] = routeros.serve(
+            args.host, args.port or 8728, args.username, args.password
+        )
+    elif args.which == "bouncer":
+        from imsys.sim import bouncer
+
+        coro = bouncer.serve(args.host, args.port or 8081, args.api_key)
+    else:
+        from imsys.sim import gateway
+
+        coro = gateway.serve(args.host, args.port or 8082)
+    try:
+        _run(coro)
+    except KeyboardInterrupt:
+        print(f"simulator stopped after {time.time() - started:.0f}s", file=sys.stderr)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "migrate": cmd_migrate,
+    "check": cmd_check,
+    "queues": cmd_queues,
+    "dlq": cmd_dlq,
+    "enqueue": cmd_enqueue,
+    "bench": cmd_bench,
+    "sim": cmd_sim,
+}

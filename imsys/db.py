@@ -1,0 +1,80 @@
+"""PostgreSQL: the pool, and ``migrate`` (apply schema.sql, idempotently)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+from imsys.logging import redact_text
+from imsys.streams.backoff import Backoff
+
+log = structlog.get_logger("imsys.db")
+
+SCHEMA = Path(__file__).resolve().parent / "schema.sql"
+# Serialises concurrent ``migrate`` runs (several processes starting at once).
+MIGRATE_LOCK = 0x1A5F5
+
+
+def schema_path() -> Path:
+    """schema.sql ships inside the package; a checkout keeps its copy at the top too."""
+    top = Path(__file__).resolve().parent.parent / "schema.sql"
+    return top if top.exists() else SCHEMA
+
+
+async def connect_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A pool, waiting (with backoff) for PostgreSQL to answer."""
+    backoff = Backoff(first=0.2, cap=5)
+    while True:
+        try:
+            pool = await asyncpg.create_pool(
+                url, min_size=min_size, max_size=max_size, command_timeout=60
+            )
+            assert pool is not None
+            return pool
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if backoff.failures >= 30:
+                raise
+            log.warning("postgres_unavailable", error=redact_text(str(exc)))
+            await backoff.sleep()
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database named in ``url`` if it does not exist; True when created."""
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if not name:
+        return False
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    conn = await asyncpg.connect(admin_url)
+    try:
+        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            return False
+        try:
+            await conn.execute(f'CREATE DATABASE "{name.replace(chr(34), "")}"')
+        except asyncpg.DuplicateDatabaseError:
+            return False
+        log.info("database_created", database=name)
+        return True
+    finally:
+        await conn.close()
+
+
+async def migrate(url: str) -> None:
+    """Apply schema.sql; every statement in it is idempotent."""
+    await ensure_database(url)
+    conn = await asyncpg.connect(url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATE_LOCK)
+            await conn.execute(schema_path().read_text())
+    finally:
+        await conn.close()
+    log.info("schema_applied", schema=str(schema_path().name))
+
+
+def run_migrate(url: str) -> None:
+    asyncio.run(migrate(url))

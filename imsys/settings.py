@@ -1,0 +1,173 @@
+"""Settings: a TOML file plus ``IMSYS_<SECTION>__<KEY>`` environment overrides.
+
+This is the only module that reads the environment. Every setting is documented in
+``config.example.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from imsys.errors import ConfigError
+
+STREAMS = ("sync", "billing", "events", "bouncer")
+
+
+class RedisSettings(BaseModel):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    prefix: str = "imsys"
+
+
+class DatabaseSettings(BaseModel):
+    url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/imsys")
+    pool_min: int = 1
+    pool_max: int = 10
+
+
+class HttpSettings(BaseModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: SecretStr = SecretStr("change-me")
+
+
+class LogSettings(BaseModel):
+    level: str = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class StreamPolicy(BaseModel):
+    """How one stream is consumed and how its failures are retried."""
+
+    concurrency: int = Field(default=20, ge=1, le=10_000)
+    # Entries read ahead of free slots (None: a quarter of concurrency). They start the
+    # moment a slot frees; at shutdown, unstarted ones go straight back to the stream.
+    prefetch: int | None = Field(default=None, ge=0, le=10_000)
+    max_attempts: int = Field(default=3, ge=1)
+    # Explicit schedule in seconds; the last step repeats. Empty: exponential from
+    # ``backoff_base`` by ``backoff_factor``, capped at ``backoff_max``.
+    backoff: list[float] = Field(default_factory=list)
+    backoff_base: float = Field(default=1.0, gt=0)
+    backoff_factor: float = Field(default=2.0, ge=1)
+    backoff_max: float = Field(default=900.0, gt=0)
+    jitter: float = Field(default=0.2, ge=0, le=1)
+
+    @property
+    def read_ahead(self) -> int:
+        return (self.concurrency + 3) // 4 if self.prefetch is None else self.prefetch
+
+    def retry_delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt + 1``, after attempt ``attempt`` failed."""
+        if self.backoff:
+            base = self.backoff[min(attempt, len(self.backoff)) - 1]
+        else:
+            base = min(self.backoff_base * self.backoff_factor ** (attempt - 1), self.backoff_max)
+        # Symmetric jitter spreads a burst of failures (a router outage) over time.
+        return max(0.0, base * (1 + self.jitter * (2 * random.random() - 1)))
+
+
+def _default_streams() -> dict[str, StreamPolicy]:
+    return {
+        "sync": StreamPolicy(concurrency=50, max_attempts=10, backoff=[10, 60, 300, 900]),
+        "billing": StreamPolicy(concurrency=20, max_attempts=3),
+        "events": StreamPolicy(concurrency=20, max_attempts=3),
+        "bouncer": StreamPolicy(concurrency=4, max_attempts=1),
+    }
+
+
+class EngineSettings(BaseModel):
+    """The Redis Streams engine: recovery, retention, shutdown."""
+
+    read_block_ms: int = Field(default=1000, ge=10)
+    # Reads in flight per stream: a second reader refills slots while the first waits
+    # for its reply, which keeps short jobs from idling between round trips.
+    readers_per_stream: int = Field(default=2, ge=1, le=8)
+    # A pending entry idle this long belongs to a dead process and is claimed.
+    claim_idle_s: float = Field(default=60.0, gt=0)
+    # Running jobs refresh their claim this often (must be well under claim_idle_s).
+    heartbeat_s: float = Field(default=15.0, gt=0)
+    recover_interval_s: float = Field(default=15.0, gt=0)
+    # More deliveries than this (the process kept dying on it) → dead letter.
+    max_deliveries: int = Field(default=5, ge=1)
+    dead_letter_days: float = Field(default=7.0, gt=0)
+    history_max: int = Field(default=1000, ge=0)
+    history_hours: float = Field(default=24.0, gt=0)
+    grace_period_s: float = Field(default=30.0, ge=0)
+    promote_interval_s: float = Field(default=0.5, gt=0)
+    # How long a per-key slot (e.g. one of a router's 5) is held without a heartbeat.
+    limit_lease_s: float = Field(default=60.0, gt=0)
+    # How long a job waits for a per-key slot before it is deferred.
+    limit_wait_s: float = Field(default=5.0, ge=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IMSYS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    redis: RedisSettings = RedisSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
+    log: LogSettings = LogSettings()
+    engine: EngineSettings = EngineSettings()
+    streams: dict[str, StreamPolicy] = Field(default_factory=_default_streams)
+
+    @field_validator("streams", mode="before")
+    @classmethod
+    def _merge_stream_defaults(cls, value: Any) -> Any:
+        """A config that sets one stream's key keeps the defaults of the others."""
+        if not isinstance(value, dict):
+            return value
+        unknown = set(value) - set(STREAMS)
+        if unknown:
+            raise ValueError(f"unknown stream(s) {sorted(unknown)}; streams are {STREAMS}")
+        merged: dict[str, Any] = {}
+        for name, default in _default_streams().items():
+            given = value.get(name, {})
+            if isinstance(given, StreamPolicy):
+                given = given.model_dump(exclude_unset=True)
+            merged[name] = {**default.model_dump(), **given}
+        return merged
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+
+def config_path_from_env() -> str | None:
+    return os.environ.get("IMSYS_CONFIG") or None
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read ``path`` (or ``$IMSYS_CONFIG``), then the environment on top."""
+    path = path or config_path_from_env()
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    try:
+        return Settings(**data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

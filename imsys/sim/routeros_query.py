@@ -1,0 +1,93 @@
+"""Print query words (`?name=x`, `?-name`, `?#|!`): RouterOS's small stack machine.
+
+Each test word pushes one boolean; `?#` words pop and push with `|`, `&`, `!`, `.`
+(duplicate) and a digit (push a copy of that stack slot, counted from the bottom).
+An item matches when every value left on the stack is true; no query matches all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+from imsys.sim.routeros_menus import ARGUMENT_FAILURE, Trap, format_id, normalize_bool, parse_id
+
+Row = Mapping[str, str]
+Test = Callable[[Row], bool]
+Matcher = Callable[[Row], bool]
+
+
+def _number_or_text(value: str) -> tuple[int, int | str]:
+    # Numbers compare as numbers and sort before text, so `?<limit=10` works on counters.
+    try:
+        return (0, int(value))
+    except ValueError:
+        return (1, value)
+
+
+def _normalize(name: str, value: str, booleans: frozenset[str]) -> str:
+    if name in booleans:
+        try:
+            return normalize_bool(name, value)
+        except Trap:
+            return value
+    if name == ".id" and (number := parse_id(value)) is not None:
+        return format_id(number)
+    return value
+
+
+def _test(word: str, booleans: frozenset[str]) -> Test:
+    body = word[1:]
+    if body.startswith("-"):
+        absent = body[1:]
+        return lambda row: absent not in row
+    operator = "="
+    if body[:1] in ("=", "<", ">"):
+        operator, body = body[0], body[1:]
+    name, has_value, raw = body.partition("=")
+    if not has_value and operator == "=":
+        return lambda row: name in row
+    value = _normalize(name, raw, booleans)
+    if operator == "=":
+        return lambda row: name in row and row[name] == value
+    wanted = _number_or_text(value)
+    if operator == "<":
+        return lambda row: name in row and _number_or_text(row[name]) < wanted
+    return lambda row: name in row and _number_or_text(row[name]) > wanted
+
+
+def _apply(operations: str, stack: list[bool]) -> None:
+    for op in operations:
+        if op == "!":
+            stack.append(not stack.pop())
+        elif op in "|&":
+            right, left = stack.pop(), stack.pop()
+            stack.append(left or right if op == "|" else left and right)
+        elif op == ".":
+            stack.append(stack[-1])
+        elif op.isdigit():
+            stack.append(stack[int(op)])
+        else:
+            raise Trap(f"unknown query operation {op!r}", ARGUMENT_FAILURE)
+
+
+def compile_query(words: Sequence[str], booleans: frozenset[str]) -> Matcher:
+    """Build a matcher from the `?` words of a print, in the order they were sent."""
+    steps: list[Test | str] = [
+        word[2:] if word.startswith("?#") else _test(word, booleans) for word in words
+    ]
+
+    def matches(row: Row) -> bool:
+        stack: list[bool] = []
+        for step in steps:
+            if isinstance(step, str):
+                _apply(step, stack)
+            else:
+                stack.append(step(row))
+        return all(stack)
+
+    # A malformed stack program fails the whole print, even on an empty menu.
+    try:
+        matches({})
+    except IndexError:
+        raise Trap("query stack underflow", ARGUMENT_FAILURE) from None
+    return matches

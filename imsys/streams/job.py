@@ -1,0 +1,172 @@
+"""A job as the engine hands it to a handler, and the registry of handlers by type."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import pydantic
+from pydantic import BaseModel
+
+from imsys.errors import InvalidJob, UnknownJobType
+
+P = TypeVar("P", bound=BaseModel)
+
+# Fields a producer may set; everything else in an entry is kept but ignored.
+CONTRACT_FIELDS = ("type", "payload", "job_id", "attempt", "enqueued_at")
+MASK = "***"
+
+
+@dataclass(slots=True)
+class Job(Generic[P]):
+    """One delivery of one stream entry."""
+
+    stream: str
+    id: str
+    type: str
+    payload: P
+    attempt: int
+    job_id: str | None
+    enqueued_at: int | None
+    fields: dict[str, str]
+    # Set by the engine; a long handler calls ``await job.progress(done, total)``.
+    report: Callable[[Job[Any], int, int | None, str | None], Awaitable[None]] | None = field(
+        default=None, repr=False
+    )
+
+    async def progress(self, done: int, total: int | None = None, note: str | None = None) -> None:
+        """Publish how far this job has come (shown by ``GET /api/queues`` and ``queues``)."""
+        if self.report is not None:
+            await self.report(self, done, total, note)
+
+
+Handler = Callable[[Job[Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    stream: str
+    job_type: str
+    model: type[BaseModel]
+    handler: Handler
+    # Payload keys whose values never leave the process (masked in dead letters).
+    secret_fields: tuple[str, ...] = ()
+
+
+class Registry:
+    """Handlers by (stream, type). Domains register; the engine dispatches."""
+
+    def __init__(self, max_payload_bytes: int = 1_048_576) -> None:
+        self._by_stream: dict[str, dict[str, Registration]] = {}
+        self.max_payload_bytes = max_payload_bytes
+
+    def register(
+        self,
+        stream: str,
+        type_: str,
+        model: type[P],
+        handler: Callable[[Job[P]], Awaitable[None]],
+        *,
+        secret_fields: Iterable[str] = (),
+    ) -> None:
+        types = self._by_stream.setdefault(stream, {})
+        if type_ in types:
+            raise ValueError(f"handler for {stream}/{type_} registered twice")
+        types[type_] = Registration(
+            stream,
+            type_,
+            model,
+            handler,
+            tuple(secret_fields),
+        )
+
+    @property
+    def streams(self) -> list[str]:
+        return list(self._by_stream)
+
+    def types(self, stream: str) -> list[str]:
+        return list(self._by_stream.get(stream, {}))
+
+    def get(self, stream: str, type_: str) -> Registration | None:
+        return self._by_stream.get(stream, {}).get(type_)
+
+    def parse(
+        self, stream: str, entry_id: str, fields: dict[str, str]
+    ) -> tuple[Registration, Job[Any]]:
+        """Turn a raw entry into a validated job, or raise a permanent error saying why."""
+        type_ = fields.get("type")
+        if not type_:
+            raise InvalidJob("entry has no 'type' field")
+        reg = self._by_stream.get(stream, {}).get(type_)
+        if reg is None:
+            raise UnknownJobType(f"no handler for type {type_!r} on stream {stream!r}")
+        raw = fields.get("payload")
+        if raw is None:
+            raise InvalidJob("entry has no 'payload' field")
+        if len(raw) > self.max_payload_bytes:
+            raise InvalidJob(
+                f"payload is {len(raw)} bytes, over the {self.max_payload_bytes} limit"
+            )
+        try:
+            payload = reg.model.model_validate_json(raw)
+        except pydantic.ValidationError as exc:
+            raise InvalidJob(f"invalid payload for {type_}: {_describe(exc)}") from None
+        attempt = _int_field(fields, "attempt", 1)
+        enqueued_at = _int_field(fields, "enqueued_at", None)
+        return reg, Job(
+            stream=stream,
+            id=entry_id,
+            type=type_,
+            payload=payload,
+            attempt=max(attempt, 1),
+            job_id=fields.get("job_id") or None,
+            enqueued_at=enqueued_at,
+            fields=fields,
+        )
+
+    def masked_fields(self, stream: str, fields: dict[str, str]) -> dict[str, str]:
+        """The entry's fields with secret payload values masked, for a dead letter."""
+        reg = self.get(stream, fields.get("type", ""))
+        if reg is None or not reg.secret_fields or "payload" not in fields:
+            return fields
+        return {**fields, "payload": mask_payload(fields["payload"], reg.secret_fields)}
+
+
+def mask_payload(raw: str, secret_fields: Iterable[str]) -> str:
+    """Replace the values of ``secret_fields`` in a JSON object; unparseable → fully masked."""
+    import orjson
+
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return MASK
+    if not isinstance(data, dict):
+        return MASK
+    for key in secret_fields:
+        if key in data:
+            data[key] = MASK
+    return orjson.dumps(data).decode()
+
+
+def _int_field(fields: dict[str, str], name: str, default: int | None) -> Any:
+    raw = fields.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidJob(f"field {name!r} is not an integer: {raw[:40]!r}") from None
+
+
+def _describe(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "payload"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

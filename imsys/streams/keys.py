@@ -1,0 +1,59 @@
+"""Every Redis key imsys uses, in one place, all under the configured prefix.
+
+For Redis Cluster, set the prefix to a hash tag such as ``{imsys}``: every key then
+lands in one slot and the multi-key scripts keep working unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "imsys"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+
+    def stream(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def backend_events(self) -> str:
+        return f"{self.prefix}:backend-events"
+
+    @property
+    def history(self) -> str:
+        return f"{self.prefix}:history"
+
+    @property
+    def processes(self) -> str:
+        return f"{self.prefix}:processes"
+
+    def delayed(self, stream: str) -> str:
+        return f"{self.prefix}:delayed:{stream}"
+
+    def stats(self, stream: str) -> str:
+        return f"{self.prefix}:stats:{stream}"
+
+    def dedupe_prefix(self, stream: str) -> str:
+        return f"{self.prefix}:dedupe:{stream}:"
+
+    def dedupe(self, stream: str, job_id: str) -> str:
+        return f"{self.dedupe_prefix(stream)}{job_id}"
+
+    def progress(self, stream: str) -> str:
+        return f"{self.prefix}:progress:{stream}"
+
+    def timer(self, name: str, slot: int) -> str:
+        return f"{self.prefix}:timer:{name}:{slot}"
+
+    def limit(self, key: str) -> str:
+        return f"{self.prefix}:limit:{key}"
+
+    def flag(self, name: str) -> str:
+        return f"{self.prefix}:flag:{name}"

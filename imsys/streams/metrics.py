@@ -1,0 +1,157 @@
+"""Per-stream figures: in-process counters and latency, and the stream's own state in Redis."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from imsys.streams.keys import GROUP, Keys
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class EngineMetrics:
+    """Counters of this process; one per app, never a module global."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.processed = Counter(
+            "imsys_jobs_processed", "Jobs handled successfully", ["stream"], registry=self.registry
+        )
+        self.retried = Counter(
+            "imsys_jobs_retried", "Jobs scheduled for a retry", ["stream"], registry=self.registry
+        )
+        self.deferred = Counter(
+            "imsys_jobs_deferred",
+            "Jobs put off without spending an attempt",
+            ["stream"],
+            registry=self.registry,
+        )
+        self.dead = Counter(
+            "imsys_jobs_dead",
+            "Jobs moved to the dead-letter stream",
+            ["stream"],
+            registry=self.registry,
+        )
+        self.recovered = Counter(
+            "imsys_jobs_recovered",
+            "Entries claimed from a consumer that stopped answering",
+            ["stream"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "imsys_handler_seconds",
+            "Handler run time",
+            ["stream", "type"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._gauges = {
+            name: Gauge(f"imsys_stream_{name}", doc, ["stream"], registry=self.registry)
+            for name, doc in (
+                ("length", "Entries in the stream"),
+                ("pending", "Entries delivered and not yet acknowledged"),
+                ("lag", "Entries not yet delivered to the group"),
+                ("delayed", "Jobs waiting in the delayed-retry store"),
+                ("oldest_pending_age_seconds", "Age of the oldest pending entry"),
+            )
+        }
+        self._gauges_total = {
+            name: Gauge(
+                f"imsys_stream_{name}_total_all_processes", doc, ["stream"], registry=self.registry
+            )
+            for name, doc in (
+                ("processed", "Jobs handled, all processes"),
+                ("retried", "Retries scheduled, all processes"),
+                ("dead", "Jobs dead-lettered, all processes"),
+            )
+        }
+        self.dead_letters = Gauge(
+            "imsys_dead_letters", "Entries in the dead-letter stream", registry=self.registry
+        )
+        self._latency_children: dict[tuple[str, str], Any] = {}
+
+    def observe(self, stream: str, type_: str, seconds: float) -> None:
+        child = self._latency_children.get((stream, type_))
+        if child is None:
+            child = self._latency_children[(stream, type_)] = self.latency.labels(stream, type_)
+        child.observe(seconds)
+
+    def render(self, figures: list[StreamFigures], dead_letters: int) -> bytes:
+        for f in figures:
+            self._gauges["length"].labels(f.stream).set(f.length)
+            self._gauges["pending"].labels(f.stream).set(f.pending)
+            self._gauges["lag"].labels(f.stream).set(f.lag or 0)
+            self._gauges["delayed"].labels(f.stream).set(f.delayed)
+            self._gauges["oldest_pending_age_seconds"].labels(f.stream).set(
+                f.oldest_pending_age_s or 0
+            )
+            self._gauges_total["processed"].labels(f.stream).set(f.processed)
+            self._gauges_total["retried"].labels(f.stream).set(f.retried)
+            self._gauges_total["dead"].labels(f.stream).set(f.dead)
+        self.dead_letters.set(dead_letters)
+        return generate_latest(self.registry)
+
+
+@dataclass(slots=True)
+class StreamFigures:
+    stream: str
+    length: int
+    pending: int
+    lag: int | None
+    delayed: int
+    oldest_pending_age_s: float | None
+    consumers: int
+    processed: int
+    retried: int
+    deferred: int
+    dead: int
+    deduplicated: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def stream_figures(redis: Redis, keys: Keys, stream: str) -> StreamFigures:
+    """What ``XINFO`` and ``XPENDING`` say of one stream, plus the all-process counters."""
+    key = keys.stream(stream)
+    pipe = redis.pipeline(transaction=False)
+    pipe.xlen(key)
+    pipe.zcard(keys.delayed(stream))
+    pipe.hgetall(keys.stats(stream))
+    length, delayed, stats = await pipe.execute()
+    pending = 0
+    lag: int | None = None
+    consumers = 0
+    oldest: float | None = None
+    try:
+        for g in await redis.xinfo_groups(key):
+            if g["name"] == GROUP:
+                pending = int(g["pending"])
+                lag = None if g.get("lag") is None else int(g["lag"])
+                consumers = int(g["consumers"])
+        if pending:
+            summary = await redis.xpending(key, GROUP)
+            if summary and summary.get("min"):
+                oldest = max(0.0, time.time() - int(summary["min"].split("-")[0]) / 1000)
+    except ResponseError:
+        pass  # no stream or no group yet: nothing pending
+    return StreamFigures(
+        stream=stream,
+        length=int(length),
+        pending=pending,
+        lag=lag,
+        delayed=int(delayed),
+        oldest_pending_age_s=oldest,
+        consumers=consumers,
+        processed=int(stats.get("processed", 0)),
+        retried=int(stats.get("retried", 0)),
+        deferred=int(stats.get("deferred", 0)),
+        dead=int(stats.get("dead", 0)),
+        deduplicated=int(stats.get("deduplicated", 0)),
+    )

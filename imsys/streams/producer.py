@@ -1,0 +1,107 @@
+"""Putting jobs on streams: one at a time, in bulk, later, or once per ``job_id``."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from imsys.streams.consumer import DEDUPE_STALE_MS
+from imsys.streams.job import now_ms
+from imsys.streams.keys import Keys
+from imsys.streams.scripts import Scripts
+
+BULK_CHUNK = 2000
+
+
+def _payload_text(payload: Mapping[str, Any] | str) -> str:
+    return payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """What became of an enqueue: the entry id, ``delayed``, or None for a duplicate."""
+
+    entry_id: str | None
+
+    @property
+    def duplicate(self) -> bool:
+        return self.entry_id is None
+
+
+class Producer:
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts
+
+    async def enqueue(
+        self,
+        stream: str,
+        type_: str,
+        payload: Mapping[str, Any] | str,
+        *,
+        job_id: str | None = None,
+        delay: float = 0.0,
+    ) -> Enqueued:
+        """Add one job; with ``job_id`` it is dropped while one like it waits or runs."""
+        now = now_ms()
+        fields = {
+            "type": type_,
+            "payload": _payload_text(payload),
+            "attempt": "1",
+            "enqueued_at": str(now),
+        }
+        if job_id:
+            fields["job_id"] = job_id
+        if not job_id and delay <= 0:
+            return Enqueued(await self.redis.xadd(self.keys.stream(stream), fields))  # type: ignore[arg-type]
+        due = ""
+        member = ""
+        if delay > 0:
+            due = str(now + int(delay * 1000))
+            member = orjson.dumps(
+                {
+                    "f": [x for kv in fields.items() for x in kv],
+                    "j": job_id or "",
+                    "u": secrets.token_hex(8),
+                }
+            ).decode()
+        result = await self.scripts.enqueue(
+            keys=[self.keys.stream(stream), self.keys.delayed(stream), self.keys.stats(stream)],
+            args=[
+                self.keys.dedupe(stream, job_id) if job_id else "",
+                now,
+                DEDUPE_STALE_MS,
+                due,
+                member,
+                *[x for kv in fields.items() for x in kv],
+            ],
+        )
+        return Enqueued(result if result else None)
+
+    async def enqueue_many(
+        self, stream: str, type_: str, payloads: Iterable[Mapping[str, Any] | str]
+    ) -> int:
+        """Bulk enqueue without dedupe, a chunk per script call; returns the count.
+
+        A chunk is atomic; chunks stay small so no call holds Redis for long.
+        """
+        key = self.keys.stream(stream)
+        count = 0
+        chunk: list[str] = []
+        for payload in payloads:
+            chunk.append(_payload_text(payload))
+            if len(chunk) >= BULK_CHUNK:
+                count += await self._bulk(key, type_, chunk)
+                chunk = []
+        if chunk:
+            count += await self._bulk(key, type_, chunk)
+        return count
+
+    async def _bulk(self, key: str, type_: str, payloads: list[str]) -> int:
+        return int(await self.scripts.bulk_enqueue(keys=[key], args=[type_, now_ms(), *payloads]))

@@ -1,0 +1,216 @@
+-- imsys schema. `python -m imsys migrate` applies this file; every statement is
+-- idempotent, so it runs on every deploy and on an existing database alike.
+
+CREATE TABLE IF NOT EXISTS tenants (
+    id              bigserial PRIMARY KEY,
+    name            text NOT NULL UNIQUE CHECK (length(name) BETWEEN 1 AND 200),
+    time_zone       text NOT NULL DEFAULT 'UTC',
+    grace_period    interval NOT NULL DEFAULT '0 seconds',
+    -- Share of a router's subscribers one sweep may cut off before it stops and asks.
+    max_disconnect_share numeric(4, 3) NOT NULL DEFAULT 0.200,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS routers (
+    id              bigserial PRIMARY KEY,
+    tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    name            text NOT NULL,
+    host            text NOT NULL,
+    port            integer NOT NULL DEFAULT 8728 CHECK (port BETWEEN 1 AND 65535),
+    use_tls         boolean NOT NULL DEFAULT false,
+    username        text NOT NULL,
+    password        text NOT NULL,
+    max_concurrency integer NOT NULL DEFAULT 5 CHECK (max_concurrency BETWEEN 1 AND 50),
+    -- Live facts, read from the router (never pushed).
+    online          boolean,
+    version         text,
+    uptime          text,
+    cpu_load        integer,
+    last_seen_at    timestamptz,
+    last_error      text,
+    -- An operator must confirm a sweep that would cut off too many subscribers.
+    guard_tripped_at timestamptz,
+    guard_reason    text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, name)
+);
+
+CREATE TABLE IF NOT EXISTS packages (
+    id              bigserial PRIMARY KEY,
+    tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    name            text NOT NULL,
+    profile         text NOT NULL,
+    rate_limit      text,
+    price           numeric(12, 2) NOT NULL CHECK (price >= 0),
+    period_days     integer NOT NULL CHECK (period_days BETWEEN 1 AND 366),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, name)
+);
+
+CREATE TABLE IF NOT EXISTS subscribers (
+    id              bigserial PRIMARY KEY,
+    tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    router_id       bigint NOT NULL REFERENCES routers(id),
+    package_id      bigint NOT NULL REFERENCES packages(id),
+    -- Desired state (the database is the master for intent).
+    username        text NOT NULL,
+    password        text NOT NULL,
+    service         text NOT NULL CHECK (service IN ('pppoe', 'hotspot')),
+    is_suspended    boolean NOT NULL DEFAULT false,
+    expires_at      timestamptz,
+    phone           text,
+    email           text,
+    deleted_at      timestamptz,
+    desired_version bigint NOT NULL DEFAULT 1,
+    -- Sync state.
+    sync_status     text NOT NULL DEFAULT 'pending' CHECK (sync_status IN ('pending', 'synced', 'error')),
+    sync_error      text,
+    synced_version  bigint NOT NULL DEFAULT 0,
+    last_synced_at  timestamptz,
+    -- Facts from the router (the router is the master for facts).
+    online          boolean NOT NULL DEFAULT false,
+    address         text,
+    uptime          text,
+    last_seen_at    timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS subscribers_router_username
+    ON subscribers (router_id, service, username) WHERE deleted_at IS NULL;
+CREATE INDEX IF NOT EXISTS subscribers_tenant_expiry
+    ON subscribers (tenant_id, expires_at) WHERE deleted_at IS NULL AND NOT is_suspended;
+CREATE INDEX IF NOT EXISTS subscribers_sync_status ON subscribers (sync_status) WHERE sync_status <> 'synced';
+
+CREATE TABLE IF NOT EXISTS invoices (
+    id              bigserial PRIMARY KEY,
+    tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    subscriber_id   bigint NOT NULL REFERENCES subscribers(id),
+    package_id      bigint NOT NULL REFERENCES packages(id),
+    period          text NOT NULL,
+    amount          numeric(12, 2) NOT NULL,
+    due_at          timestamptz NOT NULL,
+    status          text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'paid', 'void')),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (subscriber_id, period)
+);
+
+CREATE TABLE IF NOT EXISTS payments (
+    id              bigserial PRIMARY KEY,
+    tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    subscriber_id   bigint NOT NULL REFERENCES subscribers(id),
+    amount          numeric(12, 2) NOT NULL CHECK (amount > 0),
+    reference       text NOT NULL UNIQUE,
+    applied_at      timestamptz,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS notifications (
+    id              bigserial PRIMARY KEY,
+    tenant_id       bigint REFERENCES tenants(id) ON DELETE CASCADE,
+    subscriber_id   bigint REFERENCES subscribers(id),
+    channel         text NOT NULL CHECK (channel IN ('sms', 'whatsapp', 'email')),
+    recipient       text NOT NULL,
+    template        text NOT NULL,
+    body            text NOT NULL,
+    dedupe_key      text NOT NULL UNIQUE,
+    status          text NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'sent', 'failed')),
+    attempts        integer NOT NULL DEFAULT 0,
+    provider_message_id text,
+    error           text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    sent_at         timestamptz
+);
+
+-- Transactional outbox: a row written with the change it announces; the relay moves
+-- it to its stream and deletes it.
+CREATE TABLE IF NOT EXISTS outbox (
+    id              bigserial PRIMARY KEY,
+    stream          text NOT NULL,
+    type            text NOT NULL,
+    payload         jsonb NOT NULL,
+    job_id          text,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS audit_log (
+    id              bigserial PRIMARY KEY,
+    at              timestamptz NOT NULL DEFAULT now(),
+    correlation_id  text NOT NULL,
+    cause           text NOT NULL,
+    tenant_id       bigint,
+    router_id       bigint,
+    subscriber_id   bigint,
+    action          text NOT NULL,
+    detail          jsonb NOT NULL DEFAULT '{}'::jsonb,
+    outcome         text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_correlation ON audit_log (correlation_id);
+CREATE INDEX IF NOT EXISTS audit_log_subscriber ON audit_log (subscriber_id, at);
+
+-- Bouncer e-mail verification.
+CREATE TABLE IF NOT EXISTS emails_global (
+    id              bigserial PRIMARY KEY,
+    email           text NOT NULL UNIQUE
+);
+
+CREATE TABLE IF NOT EXISTS user_batches (
+    id              bigserial PRIMARY KEY,
+    check_type      text NOT NULL CHECK (check_type IN ('deliverable', 'catchall')),
+    status          text NOT NULL DEFAULT 'queued'
+                    CHECK (status IN ('queued', 'processing', 'completed', 'failed')),
+    total           integer NOT NULL,
+    processed       integer NOT NULL DEFAULT 0,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    completed_at    timestamptz
+);
+CREATE INDEX IF NOT EXISTS user_batches_fifo ON user_batches (check_type, created_at, id)
+    WHERE status IN ('queued', 'processing');
+
+CREATE TABLE IF NOT EXISTS bouncer_batches (
+    id              bigserial PRIMARY KEY,
+    check_type      text NOT NULL CHECK (check_type IN ('deliverable', 'catchall')),
+    -- Set once Bouncer answered; NULL while the create is in flight (intent recorded).
+    bouncer_batch_id text UNIQUE,
+    status          text NOT NULL DEFAULT 'creating'
+                    CHECK (status IN ('creating', 'processing', 'completed', 'downloaded', 'failed', 'abandoned')),
+    quantity        integer NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS user_batch_emails (
+    id              bigserial PRIMARY KEY,
+    user_batch_id   bigint NOT NULL REFERENCES user_batches(id) ON DELETE CASCADE,
+    email_global_id bigint NOT NULL REFERENCES emails_global(id),
+    email           text NOT NULL,
+    bouncer_batch_id bigint REFERENCES bouncer_batches(id),
+    status          text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'assigned', 'done', 'failed'))
+);
+CREATE INDEX IF NOT EXISTS user_batch_emails_pending ON user_batch_emails (user_batch_id, id)
+    WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS user_batch_emails_bouncer ON user_batch_emails (bouncer_batch_id);
+
+CREATE TABLE IF NOT EXISTS email_deliverable_results (
+    email_global_id bigint PRIMARY KEY REFERENCES emails_global(id),
+    status          text NOT NULL,
+    reason          text,
+    score           integer,
+    result          jsonb NOT NULL,
+    checked_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS email_catchall_results (
+    email_global_id bigint PRIMARY KEY REFERENCES emails_global(id),
+    is_catchall     boolean NOT NULL,
+    domain          text,
+    result          jsonb NOT NULL,
+    checked_at      timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS rate_limit_tracker (
+    id              bigserial PRIMARY KEY,
+    check_type      text NOT NULL,
+    request_type    text NOT NULL,
+    at              timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS rate_limit_tracker_at ON rate_limit_tracker (at);

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 # Keys whose values are never logged, wherever they appear in an event.
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_key|apikey|otp|authorization)", re.I)
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|otp|authorization)", re.I)
 # A URL's userinfo part (redis://:pw@host, postgresql://user:pw@host).
 _URL_CREDENTIALS = re.compile(
     r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@", re.I
@@ -61,8 +61,9 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_secrets,
             structlog.processors.format_exc_info,
+            # After format_exc_info, so a traceback's URL credentials are masked too.
+            redact_secrets,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from imsys.errors import ConfigError
@@ -21,17 +21,23 @@ STREAMS = ("sync", "billing", "events", "bouncer")
 
 
 class RedisSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     prefix: str = "imsys"
 
 
 class DatabaseSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/imsys")
     pool_min: int = 1
     pool_max: int = 10
 
 
 class HttpSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
@@ -39,12 +45,16 @@ class HttpSettings(BaseModel):
 
 
 class LogSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     level: str = "info"
     format: Literal["auto", "json", "console"] = "auto"
 
 
 class StreamPolicy(BaseModel):
     """How one stream is consumed and how its failures are retried."""
+
+    model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(default=20, ge=1, le=10_000)
     # Entries read ahead of free slots (None: a quarter of concurrency). They start the
@@ -84,6 +94,8 @@ def _default_streams() -> dict[str, StreamPolicy]:
 
 class EngineSettings(BaseModel):
     """The Redis Streams engine: recovery, retention, shutdown."""
+
+    model_config = ConfigDict(extra="forbid")
 
     read_block_ms: int = Field(default=1000, ge=10)
     # Reads in flight per stream: a second reader refills slots while the first waits
@@ -135,7 +147,8 @@ class Settings(BaseSettings):
             given = value.get(name, {})
             if isinstance(given, StreamPolicy):
                 given = given.model_dump(exclude_unset=True)
-            merged[name] = {**default.model_dump(), **given}
+            # Anything but a table is left for pydantic to reject with a clear message.
+            merged[name] = {**default.model_dump(), **given} if isinstance(given, dict) else given
         return merged
 
     @classmethod
@@ -165,9 +178,22 @@ def load_settings(path: str | Path | None = None) -> Settings:
                 data = tomllib.load(fh)
         except FileNotFoundError as exc:
             raise ConfigError(f"config file not found: {path}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     try:
         return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
     except ValueError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """``section.key: problem`` per error, without echoing the value (it may be a secret)."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

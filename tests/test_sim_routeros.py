@@ -280,6 +280,19 @@ async def test_hotspot_user_add_update_remove(sim: RouterOSSimulator, api: Any) 
     assert sim.items("/ip/hotspot/user") == []
 
 
+async def test_enable_disable_and_unset(sim: RouterOSSimulator, api: Any) -> None:
+    """disable/enable flip `disabled`; unset drops an optional field or restores a default."""
+    secret_id = sim.add_item("/ppp/secret", name="alice", remote_address="10.9.0.5")
+    await call(api, "/ppp/secret/disable", f"=.id={secret_id}")
+    assert sim.items("/ppp/secret")[0]["disabled"] == "true"
+    await call(api, "/ppp/secret/enable", f"=.id={secret_id}")
+    await call(api, "/ppp/secret/unset", f"=.id={secret_id}", "=value-name=remote-address")
+    (item,) = sim.items("/ppp/secret")
+    assert item["disabled"] == "false"
+    assert "remote-address" not in item
+    assert sim.writes["/ppp/secret"] == 3
+
+
 @pytest.mark.parametrize(
     ("path", "fields", "message"),
     [
@@ -515,6 +528,22 @@ async def test_stall_for_some_seconds_answers_late(sim: RouterOSSimulator, api: 
     started = loop.time()
     assert await call(api, "/system/identity/print") == [{"name": "MikroTik"}]
     assert loop.time() - started >= 0.15
+
+
+async def test_late_answer_after_a_timeout_is_read_by_the_next_command(
+    sim: RouterOSSimulator,
+) -> None:
+    """After a client timeout the late reply answers the next command: drop such connections."""
+    api = await connect(sim, timeout=0.2)
+    sim.stall()
+    with pytest.raises(TimeoutError):
+        await api.path("ppp", "secret").add(name="alice")
+    sim.unstall()
+    # The add was applied late, and its `!done =ret=` is what the print now reads.
+    assert await call(api, "/system/identity/print") == [
+        {"ret": sim.items("/ppp/secret")[0][".id"]}
+    ]
+    await api.close()
 
 
 async def test_fatal_closes_with_a_message(sim: RouterOSSimulator, api: Any) -> None:

@@ -30,7 +30,7 @@ class ApiError(web.HTTPException):
     def __init__(self, status: int, message: str, **detail: Any) -> None:
         self.status_code = status
         super().__init__(
-            body=orjson.dumps({"error": message, **detail}),
+            text=orjson.dumps({"error": message, **detail}).decode(),
             content_type="application/json",
         )
 

@@ -62,6 +62,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
         log.warning("api_database_unavailable", path=request.path)
         raise ApiError(503, "PostgreSQL is not answering; try again shortly") from None
+    except Exception:
+        # Every answer is JSON, a bug's too; the traceback goes to the log only.
+        log.exception("api_internal_error", path=request.path)
+        raise ApiError(500, "internal error") from None
 
 
 @web.middleware
@@ -122,8 +126,19 @@ async def queues(request: web.Request) -> web.Response:
     )
 
 
+def _valid_entry_id(text: str) -> bool:
+    """Redis rejects an id part past 64 bits; the route's pattern cannot say so."""
+    ms, _, seq = text.partition("-")
+    if not (ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+        return False
+    return int(ms) < 2**64 and int(seq) < 2**64
+
+
 def _dead_id(request: web.Request) -> str:
-    return request.match_info["id"]
+    dead_id = request.match_info["id"]
+    if not _valid_entry_id(dead_id):
+        raise not_found("dead letter")
+    return dead_id
 
 
 async def list_dead_letters(request: web.Request) -> web.Response:
@@ -134,8 +149,12 @@ async def list_dead_letters(request: web.Request) -> web.Response:
         raise ApiError(400, "limit must be an integer") from None
     if limit < 1:
         raise ApiError(400, "limit must be at least 1")
+    before = q.get("before")
+    # Nothing comes before 0-0, and Redis rejects it as the end of a range.
+    if before is not None and (not _valid_entry_id(before) or set(before) <= {"0", "-"}):
+        raise ApiError(400, "before must be a dead-letter id such as 1700000000000-0")
     letters = await request.app[ENGINE].dead_letters.list(
-        limit=limit, before=q.get("before"), stream=q.get("stream")
+        limit=limit, before=before, stream=q.get("stream")
     )
     return json_response({"dead_letters": [d.as_dict() for d in letters]})
 

@@ -24,7 +24,9 @@ class Trap(Exception):
         return words
 
 
-# Trap texts as RouterOS sends them (see NOTES.md, "RouterOS API and librouteros").
+# Trap texts. Those in NOTES.md ("RouterOS API and librouteros") and the API manual are
+# RouterOS's own; NOT_LOGGED_IN and the texts for a bad boolean or a missing name are
+# stand-ins that no router was asked for.
 NO_SUCH_ITEM: Final = "no such item"
 NO_SUCH_COMMAND: Final = "no such command"
 NO_SUCH_PREFIX: Final = "no such command prefix"
@@ -40,7 +42,6 @@ CONFIG_COMMANDS: Final = frozenset(
 )
 SESSION_COMMANDS: Final = frozenset({"print", "getall", "remove"})
 READ_ONLY_COMMANDS: Final = frozenset({"print", "getall"})
-WRITE_COMMANDS: Final = frozenset({"add", "set", "remove", "enable", "disable", "unset"})
 
 
 def _names(text: str) -> frozenset[str]:
@@ -53,7 +54,7 @@ class MenuSpec:
     commands: frozenset[str]
     # Fields a client may write; everything else is "unknown parameter".
     fields: frozenset[str] = frozenset()
-    # Printed even when never set, in this order, ahead of the fields the client gave.
+    # Printed even when never set, in this order, right after the key.
     defaults: Mapping[str, str] = field(default_factory=dict)
     booleans: frozenset[str] = frozenset({"disabled"})
     choices: Mapping[str, frozenset[str]] = field(default_factory=dict)
@@ -70,6 +71,9 @@ class MenuSpec:
     session: bool = False
     # One item, no .id (/system/resource).
     single: bool = False
+    # First .id number. Dynamic entries on a router get high ids (*81000001...), which
+    # also keeps an id from one menu from naming an item in another here.
+    first_id: int = 1
 
     @property
     def names_as_ids(self) -> bool:
@@ -130,6 +134,7 @@ PPP_ACTIVE = MenuSpec(
     path="/ppp/active",
     commands=SESSION_COMMANDS,
     session=True,
+    first_id=0x81000001,
     key="name",
     booleans=frozenset({"radius"}),
 )
@@ -165,6 +170,7 @@ HOTSPOT_ACTIVE = MenuSpec(
     path="/ip/hotspot/active",
     commands=SESSION_COMMANDS,
     session=True,
+    first_id=0x82000001,
     key="user",
     booleans=frozenset({"radius"}),
 )
@@ -307,7 +313,7 @@ def format_uptime(seconds: float) -> str:
     """RouterOS style: 1w2d3h4m5s, zero parts left out, "0s" at the start."""
     rest = max(int(seconds), 0)
     parts: list[str] = []
-    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+    for unit, size in _UNIT_SECONDS.items():
         count, rest = divmod(rest, size)
         if count:
             parts.append(f"{count}{unit}")

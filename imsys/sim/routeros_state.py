@@ -65,7 +65,7 @@ class RouterState:
         self._items: dict[str, dict[int, Item]] = {
             path: {} for path, spec in MENUS.items() if not spec.single
         }
-        self._next_number: dict[str, int] = dict.fromkeys(self._items, 1)
+        self._next_number = {path: MENUS[path].first_id for path in self._items}
         self._single: dict[str, dict[str, str]] = {
             "/system/resource": dict(DEFAULT_RESOURCE),
             "/system/identity": {"name": "MikroTik"},
@@ -82,7 +82,7 @@ class RouterState:
             for number, fields in builtins:
                 spec = MENUS[path]
                 self._items[path][number] = Item(
-                    number, {**fields, **_defaults(spec, fields)}, builtin=True
+                    number, {"name": fields["name"], **spec.defaults, **fields}, builtin=True
                 )
 
     # -- reading -------------------------------------------------------------------
@@ -157,11 +157,12 @@ class RouterState:
         key = spec.key
         if key is not None and not given.get(key):
             if spec.auto_name is None:
-                # Message not confirmed against a router; the real one refuses too.
-                raise Trap(f"failure: {key} must be specified", ARGUMENT_FAILURE)
+                raise _missing(key)
             given[key] = self._auto_name(spec, key)
+        # RouterOS prints fields in its own order, whatever order they were sent in:
+        # the key, then the menu's usual fields; update() keeps a key's first position.
         fields = {key: given[key]} if key is not None else {}
-        fields.update(_defaults(spec, given))
+        fields.update(spec.defaults)
         fields.update(given)
         self._check_item(spec, fields, None)
         number = self._allocate(spec.path)
@@ -171,8 +172,11 @@ class RouterState:
     def _set(self, spec: MenuSpec, targets: list[Item], args: Mapping[str, str]) -> None:
         self._check_fields(spec, args)
         values = self._clean(spec, args)
-        if spec.key in values and len(targets) > 1:
-            raise Trap(spec.duplicate)
+        if spec.key is not None and spec.key in values:
+            if not values[spec.key]:
+                raise _missing(spec.key)
+            if len(targets) > 1:
+                raise Trap(spec.duplicate)
         updated = [(item, _merge(item.fields, values)) for item in targets]
         # Check every target before touching any, so a failed set changes nothing.
         for item, fields in updated:
@@ -337,8 +341,9 @@ class RouterState:
         self.boots += 1
 
 
-def _defaults(spec: MenuSpec, given: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in spec.defaults.items() if k not in given}
+def _missing(key: str) -> Trap:
+    # Not a text captured from a router; a real one refuses a nameless item too.
+    return Trap(f"failure: {key} must be specified", ARGUMENT_FAILURE)
 
 
 def _merge(fields: Mapping[str, str], values: Mapping[str, str | None]) -> dict[str, str]:

@@ -530,8 +530,26 @@ class StreamConsumer:
         self._slot_free.set()
         self._ack_ready.set()
 
+    async def release_buffer(self) -> int:
+        """Give entries read ahead but never started back to the stream for others."""
+        buffered, self._buffer = list(self._buffer), deque()
+        if not buffered:
+            return 0
+        args: list[Any] = [GROUP, self.keys.dedupe_prefix(self.stream)]
+        for eid, fields in buffered:
+            flat = [x for kv in fields.items() for x in kv]
+            args += [eid, fields.get("job_id", ""), len(flat), *flat]
+        try:
+            await self.scripts.release(keys=[self.key], args=args)
+        except REDIS_DOWN:
+            self.log.warning("read_ahead_left_pending", count=len(buffered))
+            return 0
+        self.log.info("read_ahead_released", count=len(buffered))
+        return len(buffered)
+
     async def drain(self, grace: float) -> int:
         """Wait up to ``grace`` for running jobs; cancel the rest (they stay pending)."""
+        await self.release_buffer()
         tasks = list(self.running.values())
         if tasks:
             _, still = await asyncio.wait(tasks, timeout=grace)

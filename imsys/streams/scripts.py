@@ -268,6 +268,28 @@ end
 return #ARGV - 2
 """
 
+# Hand entries read ahead but never started back to the group (at shutdown): a fresh copy
+# at the stream's end, the original acknowledged, the job_id mark moved along.
+# KEYS: stream; ARGV: group, dedupe_prefix, then per entry: id, job_id|'', nfields, fields...
+RELEASE = """
+local i = 3
+local n = 0
+while i <= #ARGV do
+  local id, jid, nf = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local fields = {}
+  for k = 1, nf do fields[k] = ARGV[i + 2 + k] end
+  local new = redis.call('XADD', KEYS[1], '*', unpack(fields))
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  redis.call('XDEL', KEYS[1], id)
+  if jid ~= '' and redis.call('GET', ARGV[2] .. jid) == id then
+    redis.call('SET', ARGV[2] .. jid, new)
+  end
+  n = n + 1
+  i = i + 3 + nf
+end
+return n
+"""
+
 # Per-key concurrency slot with a lease (a dead holder's slot frees itself).
 # KEYS: limit zset; ARGV: now_ms, lease_ms, limit, token
 ACQUIRE = """
@@ -297,6 +319,7 @@ class Scripts:
         self.replay: AsyncScript = redis.register_script(REPLAY)
         self.acquire: AsyncScript = redis.register_script(ACQUIRE)
         self.bulk_enqueue: AsyncScript = redis.register_script(BULK_ENQUEUE)
+        self.release: AsyncScript = redis.register_script(RELEASE)
 
 
 def as_str_list(value: Any) -> list[str]:

@@ -22,6 +22,7 @@ from imsys.streams.keys import Keys
 
 log = structlog.get_logger("imsys.timers")
 
+# A timer function receives its slot (epoch milliseconds).
 TimerFn = Callable[[int], Awaitable[None]]
 
 
@@ -96,11 +97,14 @@ class Timer:
         if self.every is not None and self.every <= 0:
             raise ValueError(f"timer {self.name}: every must be positive")
 
+    # Slots are epoch milliseconds: sub-second periods stay exact.
     def slot_of(self, ts: float) -> int:
-        """The slot that is current at ``ts`` (its start, in epoch seconds)."""
+        """The slot that is current at ``ts`` (its start, epoch ms)."""
+        ms = int(ts * 1000)
         if self.every is not None:
-            return int(ts // self.every * self.every)
-        return int(ts // 60 * 60)
+            step = int(self.every * 1000)
+            return ms // step * step
+        return ms // 60_000 * 60_000
 
     def first_slot(self, ts: float) -> tuple[int, float]:
         """The slot to fire first and when: the current one at once (if nobody took it)."""
@@ -109,15 +113,15 @@ class Timer:
         assert self.cron is not None
         minute = datetime.fromtimestamp(ts, UTC).replace(second=0, microsecond=0)
         if self.cron.matches(minute):
-            return int(minute.timestamp()), ts
+            return int(minute.timestamp() * 1000), ts
         nxt = self.cron.next_after(ts)
-        return int(nxt), nxt
+        return int(nxt * 1000), nxt
 
     def next_slot(self, slot: int) -> int:
         if self.every is not None:
-            return int(slot + self.every)
+            return slot + int(self.every * 1000)
         assert self.cron is not None
-        return int(self.cron.next_after(slot))
+        return int(self.cron.next_after(slot / 1000) * 1000)
 
     def slot_ttl_ms(self) -> int:
         span = self.every if self.every is not None else 60.0
@@ -174,7 +178,7 @@ class TimerRunner:
             await self.tick(timer, slot)
             slot = timer.next_slot(slot)
             # A tick that overran whole slots skips them rather than firing a burst.
-            now = time.time()
-            while timer.next_slot(slot) <= now:
+            now_ms = time.time() * 1000
+            while timer.next_slot(slot) <= now_ms:
                 slot = timer.next_slot(slot)
-            at = float(slot)
+            at = slot / 1000

@@ -34,9 +34,12 @@ async def main() -> None:
     engine = Engine(redis, settings, registry)
     log_key = f"{settings.redis.prefix}:test:log"
     pid = os.getpid()
+    cap_ms = int(os.environ.get("TEST_SLEEP_CAP_MS", "0")) or None
 
     async def work(job: Job[Work]) -> None:
         p = job.payload
+        if cap_ms is not None:
+            p = p.model_copy(update={"ms": min(p.ms, cap_ms)})
         await redis.rpush(log_key, f"{p.name}:start:{pid}")
         if p.limit is not None:
             async with engine.limiter.slot("router:1", p.limit, wait=30):

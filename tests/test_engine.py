@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -100,7 +101,9 @@ async def test_retry_schedule_and_attempt_counting(redis: Redis, settings: Setti
     assert attempts == [1, 2, 3]
     assert await redis.zcard(engine.keys.delayed("billing")) == 0
     [letter] = await dead_letters(engine)
-    assert letter["error"].startswith("attempts exhausted (3/3): RetryableError: gateway answered 503")
+    assert letter["error"].startswith(
+        "attempts exhausted (3/3): RetryableError: gateway answered 503"
+    )
     assert letter["stream"] == "billing"
     assert letter["type"] == "item"
     assert letter["attempt"] == "3"
@@ -190,8 +193,11 @@ async def test_deferred_does_not_spend_an_attempt(redis: Redis, settings: Settin
         ({"type": "nope", "payload": "{}"}, "no handler for type 'nope' on stream 'billing'"),
         ({"type": "item", "payload": "not json"}, "invalid payload for item"),
         ({"type": "item", "payload": '{"n": "x"}'}, "invalid payload for item: n: Input should be"),
-        ({"type": "item", "payload": '[1, 2]'}, "invalid payload for item"),
-        ({"type": "item", "payload": '{"n": 1}', "attempt": "two"}, "field 'attempt' is not an integer"),
+        ({"type": "item", "payload": "[1, 2]"}, "invalid payload for item"),
+        (
+            {"type": "item", "payload": '{"n": 1}', "attempt": "two"},
+            "field 'attempt' is not an integer",
+        ),
     ],
 )
 async def test_garbage_is_dead_lettered_and_consumer_goes_on(
@@ -368,7 +374,8 @@ async def test_job_id_dedupe_for_raw_producers(redis: Redis, settings: Settings)
     await engine.prepare()
     for _ in range(3):
         await redis.xadd(
-            engine.keys.stream("billing"), {"type": "item", "payload": '{"n": 1}', "job_id": "raw-1"}
+            engine.keys.stream("billing"),
+            {"type": "item", "payload": '{"n": 1}', "job_id": "raw-1"},
         )
     await engine.consumers["billing"].process_once(block_ms=10)
     assert runs == 1
@@ -395,7 +402,9 @@ async def test_delayed_enqueue_runs_later(redis: Redis, settings: Settings) -> N
     assert seen == [5]
 
 
-async def test_recovery_claims_idle_entries_of_a_dead_consumer(redis: Redis, settings: Settings) -> None:
+async def test_recovery_claims_idle_entries_of_a_dead_consumer(
+    redis: Redis, settings: Settings
+) -> None:
     """An entry left pending by a consumer that vanished is claimed and run after claim_idle."""
     seen: list[int] = []
 
@@ -444,7 +453,9 @@ async def test_poison_message_is_dead_lettered_by_delivery_count(
     assert await redis.xlen(key) == 0
 
 
-async def test_heartbeat_keeps_a_long_job_from_being_claimed(redis: Redis, settings: Settings) -> None:
+async def test_heartbeat_keeps_a_long_job_from_being_claimed(
+    redis: Redis, settings: Settings
+) -> None:
     """While a job runs past claim_idle, its heartbeat stops another process claiming it."""
     runs = 0
     release = asyncio.Event()
@@ -539,7 +550,7 @@ async def test_timer_fires_once_per_slot_and_survives_failures(
     await asyncio.gather(*runners)
     assert len(fired) == len(set(fired))
     assert len(fired) >= 4
-    assert all(s2 - s1 == 200 for s1, s2 in zip(fired, fired[1:], strict=False))
+    assert all(s2 - s1 == 200 for s1, s2 in itertools.pairwise(fired))
 
 
 async def test_graceful_stop_drains_running_jobs(redis: Redis, settings: Settings) -> None:

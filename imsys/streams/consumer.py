@@ -467,7 +467,10 @@ class StreamConsumer:
         claimed = 0
         min_idle = int(self.engine.claim_idle_s * 1000)
         while not self._stopping:
-            free = self.free
+            # Not self.free: an idle reader blocked in XREADGROUP holds every free slot as
+            # a reservation, and recovery must still get its turn. Anything beyond the
+            # free slots waits in the read-ahead buffer.
+            free = self.policy.concurrency - len(self.running) - len(self._buffer)
             if free <= 0:
                 break
             raw = await self.scripts.recover(

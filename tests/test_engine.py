@@ -342,6 +342,7 @@ async def test_job_id_dedupe_at_enqueue(redis: Redis, settings: Settings) -> Non
     second = await engine.producer.enqueue("billing", "item", {"n": 1}, job_id="sub-1")
     assert not first.duplicate
     assert second.duplicate
+    assert not second.running
     await engine.consumers["billing"].process_once(block_ms=10)
     assert runs == 1
     third = await engine.producer.enqueue("billing", "item", {"n": 1}, job_id="sub-1")
@@ -360,6 +361,28 @@ async def test_job_id_dedupe_while_retry_waits(redis: Redis, settings: Settings)
     await engine.consumers["billing"].process_once(block_ms=10)
     assert await redis.zcard(engine.keys.delayed("billing")) == 1
     assert (await engine.producer.enqueue("billing", "item", {"n": 1}, job_id="sub-2")).duplicate
+
+
+async def test_duplicate_of_a_running_job_says_so(redis: Redis, settings: Settings) -> None:
+    """Enqueueing the job_id of a job already running reports it as running."""
+    release = asyncio.Event()
+
+    async def handle(job: Job[Item]) -> None:
+        await release.wait()
+
+    engine = make_engine(redis, settings, handle)
+    await engine.prepare()
+    await engine.producer.enqueue("billing", "item", {"n": 1}, job_id="sub-3")
+    consumer = engine.consumers["billing"]
+    await consumer.dispatch(await consumer.read(1, 10))
+    again = await engine.producer.enqueue("billing", "item", {"n": 1}, job_id="sub-3")
+    assert again.duplicate
+    assert again.running
+    release.set()
+    while consumer.running:
+        await asyncio.sleep(0.01)
+    await consumer.flush()
+    assert not (await engine.producer.enqueue("billing", "item", {"n": 1}, job_id="sub-3")).duplicate
 
 
 async def test_job_id_dedupe_for_raw_producers(redis: Redis, settings: Settings) -> None:
@@ -603,3 +626,69 @@ async def test_stop_releases_read_ahead_and_leaves_overdue_jobs_pending(
     released = [e for e in entries if e[0] != pending[0]["message_id"]]
     assert orjson.loads(released[0][1]["payload"]) == {"n": 2}  # back on the stream, unowned
     assert (await engine.producer.enqueue("billing", "item", {"n": 2}, job_id="second")).duplicate
+
+
+async def test_startup_warns_when_redis_would_lose_jobs(redis: Redis, settings: Settings) -> None:
+    """Start-up names each Redis setting that can lose or evict queued jobs."""
+    engine = make_engine(redis, settings, lambda job: asyncio.sleep(0))
+    cfg = await redis.config_get("appendonly")
+    cfg.update(await redis.config_get("maxmemory-policy"))
+    warnings = await engine.check_redis_durability()
+    assert any("appendonly" in w for w in warnings) == (cfg["appendonly"] != "yes")
+    assert any("maxmemory-policy" in w for w in warnings) == (
+        cfg["maxmemory-policy"] != "noeviction"
+    )
+
+
+async def test_prune_removes_only_idle_consumers_without_pending(
+    redis: Redis, settings: Settings
+) -> None:
+    """Old consumers with nothing pending are deleted; one that owns entries never is."""
+    engine = make_engine(redis, settings, lambda job: asyncio.sleep(0))
+    await engine.prepare()
+    key = engine.keys.stream("billing")
+    await redis.xgroup_createconsumer(key, GROUP, "empty-old")
+    await engine.producer.enqueue("billing", "item", {"n": 1})
+    await redis.xreadgroup(GROUP, "owner-old", {key: ">"}, count=1)
+    import imsys.streams.engine as engine_module
+
+    original = engine_module.STALE_CONSUMER_MS
+    engine_module.STALE_CONSUMER_MS = 0
+    try:
+        await asyncio.sleep(0.01)
+        assert await engine.prune_consumers() == 1
+    finally:
+        engine_module.STALE_CONSUMER_MS = original
+    names = {c["name"] for c in await redis.xinfo_consumers(key, GROUP)}
+    assert names == {"owner-old"}
+
+
+async def test_group_loss_under_a_running_job(redis: Redis, settings: Settings) -> None:
+    """If the group vanishes while a job runs, its ack does no harm and reading recreates it."""
+    release = asyncio.Event()
+
+    async def handle(job: Job[Item]) -> None:
+        await release.wait()
+
+    engine = make_engine(redis, settings, handle)
+    await engine.prepare()
+    await engine.producer.enqueue("billing", "item", {"n": 1})
+    consumer = engine.consumers["billing"]
+    await consumer.dispatch(await consumer.read(1, 10))
+    await redis.delete(engine.keys.stream("billing"))  # what a Redis restart looks like
+    release.set()
+    while consumer.running:
+        await asyncio.sleep(0.01)
+    await consumer.flush()
+    assert await redis.exists(engine.keys.stream("billing")) == 0
+    reader = asyncio.create_task(consumer.read_loop())
+    try:
+        for _ in range(100):
+            if await redis.exists(engine.keys.stream("billing")):
+                break
+            await asyncio.sleep(0.02)
+        groups = await redis.xinfo_groups(engine.keys.stream("billing"))
+        assert [g["name"] for g in groups] == [GROUP]
+    finally:
+        consumer.stop_reading()
+        await asyncio.wait_for(reader, 5)

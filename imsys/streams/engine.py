@@ -85,6 +85,7 @@ class Engine:
         self.timers: list[Timer] = []
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
+        self._prepared = False
         self.started_at = time.time()
 
     # --- registration ----------------------------------------------------------------------
@@ -100,6 +101,8 @@ class Engine:
 
     async def prepare(self) -> None:
         """Create groups, warn about a Redis that can lose jobs, tidy old consumers."""
+        if self._prepared:
+            return
         backoff = Backoff(cap=10)
         while True:
             try:
@@ -113,6 +116,7 @@ class Engine:
                 await backoff.sleep()
         await self.check_redis_durability()
         await self.prune_consumers()
+        self._prepared = True
 
     async def check_redis_durability(self) -> list[str]:
         """Warn (and return why) when Redis would lose or evict jobs."""

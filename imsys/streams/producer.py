@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from imsys.streams.consumer import DEDUPE_STALE_MS
 from imsys.streams.job import now_ms
-from imsys.streams.keys import Keys
+from imsys.streams.keys import GROUP, Keys
 from imsys.streams.scripts import Scripts
 
 BULK_CHUNK = 2000
@@ -27,6 +27,9 @@ class Enqueued:
     """What became of an enqueue: the entry id, ``delayed``, or None for a duplicate."""
 
     entry_id: str | None
+    # For a duplicate: the live job is already running (it may have read its inputs
+    # before the caller's change), rather than waiting.
+    running: bool = False
 
     @property
     def duplicate(self) -> bool:
@@ -79,10 +82,13 @@ class Producer:
                 DEDUPE_STALE_MS,
                 due,
                 member,
+                GROUP,
                 *[x for kv in fields.items() for x in kv],
             ],
         )
-        return Enqueued(result if result else None)
+        if result.startswith("dup:"):
+            return Enqueued(None, running=result == "dup:running")
+        return Enqueued(result)
 
     async def enqueue_many(
         self, stream: str, type_: str, payloads: Iterable[Mapping[str, Any] | str]

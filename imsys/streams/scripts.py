@@ -145,8 +145,10 @@ end
 """
 
 # KEYS: stream, delayed, stats
-# ARGV: dedupe_key|'', now_ms, stale_ms, due_ms|'', member|'', field/value pairs...
-# Returns the new entry id, 'delayed', or false when a live job has the same job_id.
+# ARGV: dedupe_key|'', now_ms, stale_ms, due_ms|'', member|'', group, field/value pairs...
+# Returns the new entry id, 'delayed', or 'dup:waiting' / 'dup:running' when a live job
+# has the same job_id (a producer whose change may have come too late for a running job
+# can then try again once it finished).
 ENQUEUE = (
     _MARK_LIVE
     + """
@@ -155,7 +157,11 @@ if key ~= '' then
   local v = redis.call('GET', key)
   if v and mark_live(KEYS[1], v, now, stale) then
     redis.call('HINCRBY', KEYS[3], 'deduplicated', 1)
-    return false
+    if string.sub(v, 1, 8) ~= 'delayed:' then
+      local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[6], v, v, 1)
+      if ok and p[1] ~= nil then return 'dup:running' end
+    end
+    return 'dup:waiting'
   end
 end
 if ARGV[4] ~= '' then
@@ -164,7 +170,7 @@ if ARGV[4] ~= '' then
   return 'delayed'
 end
 local fields = {}
-for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
 if key ~= '' then redis.call('SET', key, id) end
 return id

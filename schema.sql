@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS routers (
     -- An operator must confirm a sweep that would cut off too many subscribers.
     guard_tripped_at timestamptz,
     guard_reason    text,
+    -- Until then, an operator has confirmed that the guard may let large changes through.
+    guard_override_until timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (tenant_id, name)
 );
@@ -62,6 +64,12 @@ CREATE TABLE IF NOT EXISTS subscribers (
     email           text,
     deleted_at      timestamptz,
     desired_version bigint NOT NULL DEFAULT 1,
+    -- The live session must end for a change to take effect (suspension, new package);
+    -- kept until a sync has ended it, so a retry after a lost reply still kicks.
+    kick_required   boolean NOT NULL DEFAULT false,
+    -- Correlation ids of the changes not yet synced: the audit log links each of them to
+    -- the router commands that carried it out, even when several changes coalesce.
+    pending_correlations text[] NOT NULL DEFAULT '{}',
     -- Sync state.
     sync_status     text NOT NULL DEFAULT 'pending' CHECK (sync_status IN ('pending', 'synced', 'error')),
     sync_error      text,
@@ -129,8 +137,20 @@ CREATE TABLE IF NOT EXISTS outbox (
     type            text NOT NULL,
     payload         jsonb NOT NULL,
     job_id          text,
+    available_at    timestamptz NOT NULL DEFAULT now(),
     created_at      timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX IF NOT EXISTS outbox_available ON outbox (available_at, id);
+
+-- Wake the relay at commit time (one notification per statement, not per row).
+CREATE OR REPLACE FUNCTION imsys_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('imsys_outbox', '');
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS outbox_notify ON outbox;
+CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION imsys_outbox_notify();
 
 CREATE TABLE IF NOT EXISTS audit_log (
     id              bigserial PRIMARY KEY,

@@ -6,32 +6,25 @@ import asyncio
 import gc
 import signal
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 
 import aiohttp
-import asyncpg
 import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
 from imsys.db import connect_pool
+from imsys.deps import Deps
+from imsys.http import api_sync
 from imsys.http.server import build_app, check_listen_safety
+from imsys.outbox import OutboxRelay
+from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.streams.engine import Engine
 from imsys.streams.job import Registry
+from imsys.sync import domain as sync_domain
+from imsys.sync.circuit import RouterCircuit
 
 log = structlog.get_logger("imsys.app")
-
-
-@dataclass(frozen=True)
-class Deps:
-    """Everything a handler may need, built once at start-up."""
-
-    settings: Settings
-    redis: Redis
-    db: asyncpg.Pool
-    engine: Engine
-    http: aiohttp.ClientSession
 
 
 def make_redis(settings: Settings) -> Redis:
@@ -46,6 +39,18 @@ def make_redis(settings: Settings) -> Redis:
 
 def register_domains(deps: Deps) -> None:
     """Each domain registers its handlers and timers with the engine."""
+    sync_domain.register(deps)
+
+
+def make_circuit(settings: Settings, redis: Redis) -> RouterCircuit:
+    cfg = settings.sync
+    return RouterCircuit(
+        redis,
+        settings.redis.prefix,
+        cooldown_s=cfg.circuit_cooldown_s,
+        max_s=cfg.circuit_max_s,
+        probe_s=cfg.router_timeout_s * 3,
+    )
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
@@ -62,9 +67,19 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         stack.push_async_callback(db.close)
         http = aiohttp.ClientSession()
         stack.push_async_callback(http.close)
+        routers = RouterPool()
+        stack.push_async_callback(routers.close)
         registry = Registry()
         engine = Engine(redis, settings, registry)
-        deps = Deps(settings=settings, redis=redis, db=db, engine=engine, http=http)
+        deps = Deps(
+            settings=settings,
+            redis=redis,
+            db=db,
+            engine=engine,
+            http=http,
+            routers=routers,
+            circuit=make_circuit(settings, redis),
+        )
         register_domains(deps)
 
         loop = asyncio.get_running_loop()
@@ -73,6 +88,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
 
         if settings.http.enabled:
             app = build_app(engine, redis, db, settings.http.token.get_secret_value())
+            api_sync.add_routes(app, deps)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
@@ -82,6 +98,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
 
         # Objects alive now live for the whole process: keep them out of GC scans.
         gc.freeze()
+        relay = OutboxRelay(db, engine.producer, poll_s=settings.sync.outbox_poll_s)
+        relay_task = asyncio.create_task(relay.run(engine.stopping))
         run = asyncio.create_task(engine.run())
         if ready is not None:
             await asyncio.wait(
@@ -89,3 +107,4 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             )
             ready.set()
         await run
+        await relay_task

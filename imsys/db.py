@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -11,6 +12,13 @@ import structlog
 
 from imsys.logging import redact_text
 from imsys.streams.backoff import Backoff
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A connection as a pool lends it, or a plain one; and anything that runs a query.
+    Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+    Executor: TypeAlias = Conn | asyncpg.Pool
 
 log = structlog.get_logger("imsys.db")
 

@@ -119,6 +119,26 @@ class EngineSettings(BaseModel):
     limit_wait_s: float = Field(default=5.0, ge=0)
 
 
+class SyncSettings(BaseModel):
+    """Router sync: reconciliation, expiry sweep, router facts, circuit breaker, guard."""
+
+    # Entries imsys manages carry the comment "<tag>:sub=<subscriber id>"; others are
+    # never touched.
+    comment_tag: str = Field(default="imsys", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    reconcile_every_s: float = Field(default=900.0, gt=0)
+    expire_every_s: float = Field(default=60.0, gt=0)
+    facts_every_s: float = Field(default=60.0, gt=0)
+    router_timeout_s: float = Field(default=10.0, gt=0)
+    # A router that stopped answering is left alone this long (doubling up to the max)
+    # while its jobs wait without spending attempts.
+    circuit_cooldown_s: float = Field(default=10.0, gt=0)
+    circuit_max_s: float = Field(default=300.0, gt=0)
+    # The mass-disconnect guard trips only above this many subscribers at once (a router
+    # of 3 subscribers losing 1 is not a mass disconnect).
+    guard_min_count: int = Field(default=5, ge=0)
+    outbox_poll_s: float = Field(default=1.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="IMSYS_",
@@ -131,6 +151,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     log: LogSettings = LogSettings()
     engine: EngineSettings = EngineSettings()
+    sync: SyncSettings = SyncSettings()
     streams: dict[str, StreamPolicy] = Field(default_factory=_default_streams)
 
     @field_validator("streams", mode="before")

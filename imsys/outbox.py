@@ -1,0 +1,155 @@
+"""The transactional outbox: rows written with the change they announce, relayed to streams.
+
+A change and its job commit together, so a crash between them cannot lose the job. The
+relay wakes on NOTIFY (fast path) and polls as a fallback; several processes may relay
+at once (``FOR UPDATE SKIP LOCKED``). Rows with the same ``job_id`` in one pass coalesce
+into one job. A row whose job is already *running* waits a moment and is published
+again, because the running job may have read the state before this change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import orjson
+import structlog
+
+from imsys.logging import redact_text
+from imsys.streams.backoff import REDIS_DOWN, Backoff
+from imsys.streams.producer import Producer
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    from imsys.db import Conn
+
+
+log = structlog.get_logger("imsys.outbox")
+
+CHANNEL = "imsys_outbox"
+BATCH = 500
+RUNNING_RETRY = "1 second"
+
+
+async def add(
+    conn: Conn,
+    stream: str,
+    type_: str,
+    payload: Mapping[str, Any],
+    *,
+    job_id: str | None = None,
+) -> None:
+    """Write one outbox row on ``conn`` (inside the caller's transaction)."""
+    await conn.execute(
+        "INSERT INTO outbox (stream, type, payload, job_id) VALUES ($1, $2, $3::jsonb, $4)",
+        stream,
+        type_,
+        orjson.dumps(payload).decode(),
+        job_id,
+    )
+
+
+async def add_many(
+    conn: Conn, stream: str, type_: str, rows: list[tuple[dict[str, Any], str | None]]
+) -> None:
+    """Many outbox rows in one statement (a sweep suspending hundreds at once)."""
+    if not rows:
+        return
+    await conn.execute(
+        """
+        INSERT INTO outbox (stream, type, payload, job_id)
+        SELECT $1, $2, p::jsonb, j FROM unnest($3::text[], $4::text[]) AS u(p, j)
+        """,
+        stream,
+        type_,
+        [orjson.dumps(p).decode() for p, _ in rows],
+        [j for _, j in rows],
+    )
+
+
+class OutboxRelay:
+    def __init__(self, db: asyncpg.Pool, producer: Producer, *, poll_s: float = 1.0) -> None:
+        self.db = db
+        self.producer = producer
+        self.poll_s = poll_s
+        self._wake = asyncio.Event()
+
+    async def relay_once(self) -> int:
+        """Publish what is due; returns the number of rows settled."""
+        async with self.db.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """
+                SELECT id, stream, type, payload::text AS payload, job_id FROM outbox
+                WHERE available_at <= now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+                """,
+                BATCH,
+            )
+            if not rows:
+                return 0
+            done: list[int] = []
+            later: list[int] = []
+            published: dict[tuple[str, str], bool] = {}  # (stream, job_id) → running
+            for row in rows:
+                jid = row["job_id"]
+                if jid is not None and (row["stream"], jid) in published:
+                    # Coalesced with an earlier row of this pass.
+                    (later if published[(row["stream"], jid)] else done).append(row["id"])
+                    continue
+                result = await self.producer.enqueue(
+                    row["stream"], row["type"], row["payload"], job_id=jid
+                )
+                if jid is not None:
+                    published[(row["stream"], jid)] = result.running
+                (later if result.running else done).append(row["id"])
+            if done:
+                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
+            if later:
+                await conn.execute(
+                    f"UPDATE outbox SET available_at = now() + interval '{RUNNING_RETRY}' "
+                    "WHERE id = ANY($1::bigint[])",
+                    later,
+                )
+            return len(done)
+
+    def _notified(self, *_args: object) -> None:
+        self._wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Relay until ``stopping``: on NOTIFY at once, else every ``poll_s``."""
+        backoff = Backoff(first=0.2, cap=10)
+        listener: PoolConnectionProxy | None = None
+        while not stopping.is_set():
+            try:
+                if listener is None or listener.is_closed():
+                    listener = await self.db.acquire()
+                    await listener.add_listener(CHANNEL, self._notified)
+                while await self.relay_once() >= BATCH:
+                    pass
+                backoff.reset()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, *REDIS_DOWN) as exc:
+                log.warning("outbox_relay_failed", error=redact_text(str(exc)))
+                if listener is not None:
+                    await self._release(listener)
+                    listener = None
+                await backoff.sleep()
+                continue
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            except TimeoutError:
+                pass
+        if listener is not None:
+            await self._release(listener)
+
+    async def _release(self, conn: PoolConnectionProxy) -> None:
+        try:
+            await conn.remove_listener(CHANNEL, self._notified)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass
+        try:
+            await self.db.release(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pass

@@ -1,0 +1,292 @@
+"""One API connection: connect and log in, run one command at a time, translate failures.
+
+A connection whose command did not end with `!done` is thrown away: after a timeout, a
+reset, a close, `!fatal` or anything unexpected, nobody knows where the next reply
+starts (a late `!done` would answer the next command).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import librouteros
+import structlog
+from librouteros.api import AsyncApi
+from librouteros.exceptions import ConnectionClosed, FatalError
+
+from imsys.routeros.errors import (
+    RouterAuthError,
+    RouterInputError,
+    RouterTrap,
+    RouterUnavailable,
+    trap_class,
+)
+from imsys.routeros.target import RouterTarget
+from imsys.routeros.words import check_ascii
+
+log = structlog.get_logger("imsys.routeros")
+
+# latin-1 maps each byte to one character, so a reply reads back exactly as the router
+# sent it; librouteros's default (ASCII, errors ignored) silently drops other bytes.
+# Sending is unaffected: every word is checked to be ASCII before it is written.
+_WIRE_ENCODING: Final = "latin-1"
+# Bounded, so that shutting down never waits on a peer that stopped reading.
+_CLOSE_TIMEOUT: Final = 1.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What one command got back, every value the router's own string."""
+
+    rows: list[dict[str, str]]
+    # Attributes of `!done`: `ret` (the new `.id`) after an add.
+    done: dict[str, str]
+    traps: list[dict[str, str]]
+
+
+class _LoginRefused(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _split_word(word: str) -> tuple[str, str]:
+    # `=name=value`, where the value may itself hold `=`; `.tag=7` has no leading `=`.
+    key, _, value = word.removeprefix("=").partition("=")
+    return key, value
+
+
+class RawApi(AsyncApi):  # type: ignore[misc]  # librouteros ships no type information
+    """AsyncApi whose replies keep the router's strings.
+
+    librouteros's own readSentence turns `yes`/`true` into True and `1234` into 1234;
+    imsys compares what it sent with what the router holds, as strings, so this one
+    leaves every value alone.
+    """
+
+    async def readSentence(self) -> tuple[str, dict[str, str]]:  # librouteros calls it by this name
+        reply_word, words = await self.protocol.readSentence()
+        return reply_word, dict(_split_word(word) for word in words)
+
+    async def send(self, command: str, words: Sequence[str]) -> None:
+        await self.protocol.writeSentence(command, *words)
+
+    async def read_reply(self) -> Reply:
+        rows: list[dict[str, str]] = []
+        traps: list[dict[str, str]] = []
+        while True:
+            reply_word, attributes = await self.readSentence()
+            if reply_word == "!re":
+                rows.append(attributes)
+            elif reply_word == "!trap":
+                traps.append(attributes)
+            elif reply_word == "!done":
+                return Reply(rows, attributes, traps)
+            # `!empty` (RouterOS 7.18+ on an empty print) carries nothing.
+
+
+async def _login(api: Any, username: str, password: str) -> None:
+    """Plain login (RouterOS >= 6.43), with our string-keeping reply reader."""
+    await api.send("/login", [f"=name={username}", f"=password={password}"])
+    reply: Reply = await api.read_reply()
+    if reply.traps:
+        raise _LoginRefused(reply.traps[0].get("message", "login refused"))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, FatalError):
+        return f"router ended the session (!fatal {exc})"
+    if isinstance(exc, ConnectionClosed):
+        return "connection closed by the router"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_sentence(command: str, words: Sequence[str]) -> None:
+    # The session builds checked words already; this makes "never half a sentence"
+    # hold for every path that reaches the socket.
+    for word in (command, *words):
+        if not word.isascii():
+            raise RouterInputError(f"{command}: a word is not ASCII; nothing was sent")
+
+
+class Connection:
+    """A logged-in API connection to one router. Not safe for concurrent commands."""
+
+    def __init__(self, target: RouterTarget, api: RawApi) -> None:
+        self.target = target
+        self._api = api
+        self.broken = False
+
+    @classmethod
+    async def open(cls, target: RouterTarget, ssl_context: ssl.SSLContext | None) -> Connection:
+        check_ascii(target.username, f"{target.label}: user name")
+        check_ascii(target.password, f"{target.label}: password")
+        limit = target.login_timeout
+        try:
+            async with asyncio.timeout(limit):
+                # async_connect closes the socket itself when the login fails.
+                api = await librouteros.async_connect(
+                    target.host,
+                    target.username,
+                    target.password,
+                    port=target.port,
+                    timeout=limit,
+                    subclass=RawApi,
+                    encoding=_WIRE_ENCODING,
+                    ssl_wrapper=ssl_context,
+                    login_method=_login,
+                )
+        except _LoginRefused as exc:
+            log.warning("router_login_failed", **_fields(target), message=exc.message)
+            raise RouterAuthError(
+                f"{target.label}: login refused: {exc.message}", router_id=target.router_id
+            ) from exc
+        except Exception as exc:
+            reason = _describe(exc)
+            if isinstance(exc, TimeoutError):
+                reason = f"connect timed out after {limit:g}s"
+            log.warning("router_connect_failed", **_fields(target), error=reason)
+            raise RouterUnavailable(
+                f"{target.label}: cannot connect: {reason}", router_id=target.router_id
+            ) from exc
+        # The protocol's own per-sentence guard follows the command timeout from now on.
+        api.protocol.timeout = target.timeout
+        log.debug("router_connected", **_fields(target), tls=ssl_context is not None)
+        return cls(target, api)
+
+    # -- state ----------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """False once discarded, or when the peer closed, reset or sent something unasked.
+
+        A router sends `!fatal` to every session when it throws them out; bytes waiting
+        on an idle connection mean its framing is no longer ours to trust.
+        """
+        if self.broken:
+            return False
+        transport = self._api.protocol.transport
+        reader: asyncio.StreamReader = transport.reader
+        writer: asyncio.StreamWriter = transport.writer
+        unread = getattr(reader, "_buffer", b"")
+        return not (
+            writer.is_closing()
+            or reader.at_eof()
+            or reader.exception() is not None
+            or len(unread) > 0
+        )
+
+    def discard(self, reason: str) -> None:
+        """Drop the connection at once, without a goodbye: its framing is unknown."""
+        if self.broken:
+            return
+        self.broken = True
+        self._api.protocol.transport.writer.transport.abort()
+        log.info("router_connection_discarded", **_fields(self.target), reason=reason)
+
+    async def close(self) -> None:
+        """Close politely (pool shutdown); falls back to an abort."""
+        if self.broken:
+            return
+        self.broken = True
+        writer: asyncio.StreamWriter = self._api.protocol.transport.writer
+        writer.close()
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await writer.wait_closed()
+        except (TimeoutError, OSError):
+            writer.transport.abort()
+
+    # -- commands -------------------------------------------------------------------
+
+    async def run(self, command: str, words: Sequence[str], *, write: bool) -> Reply:
+        """Send one command and read its reply; traps become RouterTrap, anything else
+        that goes wrong RouterUnavailable (and the connection is discarded)."""
+        _check_sentence(command, words)
+        if self.broken:
+            raise RuntimeError("command on a discarded connection")
+        sent = False
+        try:
+            async with asyncio.timeout(self.target.timeout):
+                # Set before writing: a write that fails half-way may still have reached
+                # the router whole.
+                sent = True
+                await self._api.send(command, words)
+                reply = await self._api.read_reply()
+        except BaseException as exc:
+            self._failed(command, exc, maybe_applied=write and sent)
+            raise
+        if reply.traps:
+            raise self._trap(command, reply.traps)
+        return reply
+
+    async def reboot(self) -> None:
+        """`/system/reboot` answers nothing: the connection dropping is the success."""
+        command = "/system/reboot"
+        sent = False
+        reply: Reply | None = None
+        try:
+            async with asyncio.timeout(self.target.timeout):
+                await self._api.send(command, [])
+                sent = True
+                reply = await self._api.read_reply()
+        except (ConnectionClosed, ConnectionError, FatalError) as exc:
+            if not sent:
+                self._failed(command, exc, maybe_applied=True)
+                raise
+        except BaseException as exc:
+            self._failed(command, exc, maybe_applied=True)
+            raise
+        # Whatever came back, this connection is to a router going down.
+        self.discard("router rebooting")
+        if reply is not None and reply.traps:
+            raise self._trap(command, reply.traps)
+        log.info("router_reboot_sent", **_fields(self.target))
+
+    def _failed(self, command: str, exc: BaseException, *, maybe_applied: bool) -> None:
+        """Discard the connection; for an Exception, raise RouterUnavailable from it."""
+        self.discard(f"{command}: {_describe(exc)}")
+        if not isinstance(exc, Exception):
+            return  # cancellation: the caller re-raises it as it is
+        reason = _describe(exc)
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {self.target.timeout:g}s"
+        log.warning(
+            "router_command_failed",
+            **_fields(self.target),
+            command=command,
+            error=reason,
+            maybe_applied=maybe_applied,
+        )
+        suffix = " (the write may have been applied)" if maybe_applied else ""
+        raise RouterUnavailable(
+            f"{self.target.label}: {command}: {reason}{suffix}",
+            router_id=self.target.router_id,
+            maybe_applied=maybe_applied,
+        ) from exc
+
+    def _trap(self, command: str, traps: list[dict[str, str]]) -> RouterTrap:
+        message = "; ".join(trap.get("message", "") for trap in traps)
+        category_text = traps[0].get("category", "")
+        category = int(category_text) if category_text.isdigit() else None
+        log.debug("router_trap", **_fields(self.target), command=command, message=message)
+        cls = trap_class(traps[0].get("message", ""))
+        return cls(
+            message,
+            router_id=self.target.router_id,
+            command=command,
+            category=category,
+            context=f"{self.target.label}: {command}",
+        )
+
+
+def _fields(target: RouterTarget) -> dict[str, Any]:
+    return {"router_id": target.router_id, "host": target.host, "port": target.port}

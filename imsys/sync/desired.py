@@ -1,0 +1,127 @@
+"""What a subscriber's router entry should be, and how an entry differs from it.
+
+Pure functions: no I/O. Values are compared as the strings the router prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PPP_SECRET = "/ppp/secret"  # noqa: S105 - a menu path, not a password
+HOTSPOT_USER = "/ip/hotspot/user"
+PPP_ACTIVE = "/ppp/active"
+HOTSPOT_ACTIVE = "/ip/hotspot/active"
+MENU_BY_SERVICE = {"pppoe": PPP_SECRET, "hotspot": HOTSPOT_USER}
+
+_TRUE = {"true", "yes"}
+
+
+def is_true(value: Any) -> bool:
+    return str(value).lower() in _TRUE
+
+
+def marker(tag: str, subscriber_id: int) -> str:
+    """The comment that marks an entry as imsys's, naming its subscriber."""
+    return f"{tag}:sub={subscriber_id}"
+
+
+def parse_marker(tag: str, comment: str | None) -> int | None:
+    """The subscriber id of a managed entry, or None for an entry imsys does not manage."""
+    if not comment or not comment.startswith(f"{tag}:sub="):
+        return None
+    try:
+        return int(comment[len(tag) + 5 :])
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """One subscriber's intent, as the database holds it."""
+
+    subscriber_id: int
+    username: str
+    password: str
+    service: str  # pppoe | hotspot
+    profile: str
+    disabled: bool  # suspended or deleted
+    present: bool  # False once the subscriber is deleted
+
+    def menu(self) -> str:
+        return MENU_BY_SERVICE[self.service]
+
+    def fields(self, tag: str) -> dict[str, str]:
+        out = {
+            "name": self.username,
+            "password": self.password,
+            "profile": self.profile,
+            "disabled": "yes" if self.disabled else "no",
+            "comment": marker(tag, self.subscriber_id),
+        }
+        if self.service == "pppoe":
+            out["service"] = "pppoe"
+        return out
+
+
+@dataclass(slots=True)
+class Plan:
+    """The router commands that would bring one subscriber in line."""
+
+    subscriber_id: int
+    add: dict[str, str] | None = None
+    set: dict[str, str] = field(default_factory=dict)
+    set_id: str | None = None
+    remove: list[tuple[str, str]] = field(default_factory=list)  # (menu, id)
+    menu: str = ""
+
+    @property
+    def empty(self) -> bool:
+        return self.add is None and not self.set and not self.remove
+
+    @property
+    def disables(self) -> bool:
+        """Whether the plan cuts the subscriber off (used by the mass-disconnect guard)."""
+        return bool(self.remove) or self.set.get("disabled") == "yes"
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The plan as data for the dry run and the audit log (no passwords)."""
+        out: list[dict[str, Any]] = []
+        if self.add is not None:
+            out.append({"action": "add", "menu": self.menu, "fields": _public(self.add)})
+        if self.set:
+            out.append(
+                {"action": "set", "menu": self.menu, "id": self.set_id, "fields": _public(self.set)}
+            )
+        out.extend({"action": "remove", "menu": m, "id": i} for m, i in self.remove)
+        return out
+
+
+def _public(fields: dict[str, str]) -> dict[str, str]:
+    return {k: ("***" if k == "password" else v) for k, v in fields.items()}
+
+
+def plan(desired: Desired, managed: dict[str, list[dict[str, str]]], tag: str) -> Plan:
+    """Diff ``desired`` against the managed entries found for it, per menu."""
+    p = Plan(desired.subscriber_id, menu=desired.menu())
+    want = desired.fields(tag)
+    for menu, entries in managed.items():
+        keep = desired.present and menu == desired.menu()
+        for i, entry in enumerate(entries):
+            # A second managed entry for one subscriber (a hand copy) goes too.
+            if not keep or i > 0:
+                p.remove.append((menu, entry[".id"]))
+    current = managed.get(desired.menu(), [])
+    if not desired.present:
+        return p
+    if not current:
+        p.add = want
+        return p
+    entry = current[0]
+    p.set_id = entry[".id"]
+    for key in ("name", "password", "profile"):
+        if str(entry.get(key, "")) != want[key]:
+            p.set[key] = want[key]
+    if is_true(entry.get("disabled", "false")) != desired.disabled:
+        p.set["disabled"] = want["disabled"]
+    return p

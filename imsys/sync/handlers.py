@@ -1,0 +1,256 @@
+"""Router sync jobs: align one subscriber, reconcile one router, reboot one router.
+
+Level-triggered: each run reads the desired state and the router, and applies only the
+difference, so a retry after a lost reply changes nothing and raises nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from pydantic import BaseModel
+
+from imsys.deps import Deps
+from imsys.errors import Deferred, PermanentError, RetryableError
+from imsys.routeros import RouterSession, RouterTarget, RouterUnavailable
+from imsys.streams.job import Job
+from imsys.sync import repo
+from imsys.sync.desired import (
+    HOTSPOT_ACTIVE,
+    HOTSPOT_USER,
+    MENU_BY_SERVICE,
+    PPP_ACTIVE,
+    PPP_SECRET,
+    Plan,
+    marker,
+    plan,
+)
+
+log = structlog.get_logger("imsys.sync")
+
+
+class SyncSubscriber(BaseModel):
+    subscriber_id: int
+    correlation_id: str | None = None
+    cause: str = "api"
+
+
+class RouterJob(BaseModel):
+    router_id: int
+    correlation_id: str | None = None
+
+
+class SessionSurvived(RetryableError):
+    """A kicked session is still there: the change has not taken effect."""
+
+
+class NotManaged(PermanentError):
+    """An entry with the subscriber's name exists on the router but is not imsys's."""
+
+
+def router_target(deps: Deps, row: Any) -> RouterTarget:
+    return RouterTarget(
+        router_id=row["id"],
+        host=row["host"],
+        port=row["port"],
+        username=row["username"],
+        password=row["password"],
+        use_tls=row["use_tls"],
+        max_concurrency=row["max_concurrency"],
+        timeout=deps.settings.sync.router_timeout_s,
+    )
+
+
+@asynccontextmanager
+async def router_session(deps: Deps, router: Any) -> AsyncIterator[RouterSession]:
+    """A session to ``router`` under its cross-process limit and its circuit breaker.
+
+    An unreachable router opens its circuit and defers the job (no attempt spent).
+    """
+    router_id = router["id"]
+    await deps.circuit.check(router_id)
+    try:
+        async with (
+            deps.engine.limiter.slot(f"router:{router_id}", router["max_concurrency"]),
+            deps.routers.session(router_target(deps, router)) as ros,
+        ):
+            yield ros
+    except RouterUnavailable as exc:
+        cooldown = await deps.circuit.failure(router_id)
+        if await repo.set_router_online(deps.db, router_id, False, str(exc)):
+            log.warning("router_offline", router_id=router_id, error=str(exc))
+        raise Deferred(f"{exc}; waiting {cooldown:.0f}s for the router", delay=cooldown) from exc
+    if await deps.circuit.success(router_id):
+        log.info("router_back", router_id=router_id)
+    if router["online"] is not True:
+        await repo.set_router_online(deps.db, router_id, True)
+
+
+async def read_managed(
+    ros: RouterSession, tag: str, subscriber_id: int
+) -> dict[str, list[dict[str, str]]]:
+    """The entries imsys manages for one subscriber, in each menu."""
+    mark = marker(tag, subscriber_id)
+    return {
+        menu: await ros.print(menu, where={"comment": mark}) for menu in MENU_BY_SERVICE.values()
+    }
+
+
+class Auditor:
+    """Writes one audit row per router command for each cause it carries out."""
+
+    def __init__(
+        self,
+        deps: Deps,
+        *,
+        correlations: list[str],
+        cause: str,
+        tenant_id: int | None,
+        router_id: int,
+        subscriber_id: int | None,
+    ) -> None:
+        self.deps = deps
+        self.correlations = correlations
+        self.cause = cause
+        self.tenant_id = tenant_id
+        self.router_id = router_id
+        self.subscriber_id = subscriber_id
+
+    async def record(self, action: str, outcome: str, detail: dict[str, Any]) -> None:
+        for cid in self.correlations:
+            await repo.audit(
+                self.deps.db,
+                correlation_id=cid,
+                cause=self.cause,
+                action=action,
+                outcome=outcome,
+                tenant_id=self.tenant_id,
+                router_id=self.router_id,
+                subscriber_id=self.subscriber_id,
+                detail=detail,
+            )
+
+    async def run(self, action: str, detail: dict[str, Any], step: Any) -> Any:
+        """Run one router command, auditing its outcome (also when it fails)."""
+        try:
+            result = await step
+        except RouterUnavailable as exc:
+            outcome = "unknown: connection lost after sending" if exc.maybe_applied else "failed"
+            await self.record(action, f"{outcome}: {exc}", detail)
+            raise
+        except Exception as exc:
+            await self.record(action, f"failed: {exc}", detail)
+            raise
+        await self.record(action, "ok", detail)
+        return result
+
+
+async def apply_plan(ros: RouterSession, p: Plan, audit: Auditor) -> None:
+    for menu, item_id in p.remove:
+        await audit.run(f"remove {menu}", {"id": item_id}, ros.remove(menu, item_id))
+    if p.add is not None:
+        await audit.run(f"add {p.menu}", p.describe()[0]["fields"], ros.add(p.menu, p.add))
+    if p.set and p.set_id is not None:
+        public = {k: ("***" if k == "password" else v) for k, v in p.set.items()}
+        await audit.run(
+            f"set {p.menu}", {"id": p.set_id, **public}, ros.set(p.menu, p.set_id, p.set)
+        )
+
+
+async def end_sessions(ros: RouterSession, username: str, audit: Auditor) -> None:
+    """Kick the subscriber's live sessions, then check that they really ended."""
+    kicked = await audit.run(f"remove {PPP_ACTIVE}", {"name": username}, ros.kick_ppp(username))
+    kicked += await audit.run(
+        f"remove {HOTSPOT_ACTIVE}", {"user": username}, ros.kick_hotspot(username)
+    )
+    survivors = len(await ros.active_ppp(username)) + len(await ros.active_hotspot(username))
+    if survivors:
+        raise SessionSurvived(
+            f"{survivors} session(s) of {username!r} still active after the kick; "
+            "the change has not taken effect"
+        )
+    if kicked:
+        log.info("sessions_ended", username=username, count=kicked)
+
+
+async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
+    p = job.payload
+    sub = await repo.load_subscriber(deps.db, p.subscriber_id)
+    if sub is None:
+        raise PermanentError(f"subscriber {p.subscriber_id} does not exist")
+    router = await repo.load_router(deps.db, sub.router_id)
+    if router is None:
+        raise PermanentError(f"router {sub.router_id} of subscriber {sub.id} does not exist")
+    tag = deps.settings.sync.comment_tag
+    correlations = list(dict.fromkeys([*sub.correlations, p.correlation_id or f"job:{job.id}"]))
+    audit = Auditor(
+        deps,
+        correlations=correlations,
+        cause=p.cause,
+        tenant_id=sub.tenant_id,
+        router_id=sub.router_id,
+        subscriber_id=sub.id,
+    )
+    kicked = False
+    try:
+        async with router_session(deps, router) as ros:
+            managed = await read_managed(ros, tag, sub.id)
+            steps = plan(sub.desired, managed, tag)
+            if steps.add is not None:
+                await _refuse_unmanaged_twin(ros, steps)
+            await apply_plan(ros, steps, audit)
+            if sub.kick_required or sub.desired.disabled:
+                await end_sessions(ros, sub.desired.username, audit)
+                kicked = True
+    except Deferred:
+        raise
+    except (PermanentError, RetryableError) as exc:
+        await repo.mark_error(deps.db, sub, str(exc))
+        raise
+    if not await repo.mark_synced(deps.db, sub, kicked=kicked):
+        # The desired state changed while we worked: go again with the new one.
+        raise Deferred(f"subscriber {sub.id} changed during its sync", delay=0.05)
+    log.info(
+        "subscriber_synced",
+        subscriber_id=sub.id,
+        router_id=sub.router_id,
+        changed=[d["action"] for d in steps.describe()],
+        kicked=kicked,
+    )
+
+
+async def _refuse_unmanaged_twin(ros: RouterSession, steps: Plan) -> None:
+    assert steps.add is not None
+    twins = await ros.print(steps.menu, where={"name": steps.add["name"]})
+    if twins:
+        raise NotManaged(
+            f"{steps.menu} already has an entry named {steps.add['name']!r} that imsys does not "
+            "manage; remove it or tag it on the router before imsys can take over"
+        )
+
+
+async def reboot_router(deps: Deps, job: Job[RouterJob]) -> None:
+    router = await repo.load_router(deps.db, job.payload.router_id)
+    if router is None:
+        raise PermanentError(f"router {job.payload.router_id} does not exist")
+    correlation = job.payload.correlation_id or f"job:{job.id}"
+    audit = Auditor(
+        deps,
+        correlations=[correlation],
+        cause="api",
+        tenant_id=router["tenant_id"],
+        router_id=router["id"],
+        subscriber_id=None,
+    )
+    async with router_session(deps, router) as ros:
+        await audit.run("/system/reboot", {}, ros.reboot())
+    # Its jobs wait while it boots instead of failing against it.
+    await deps.circuit.failure(router["id"])
+    await repo.set_router_online(deps.db, router["id"], False, "rebooting")
+    log.info("router_rebooted", router_id=router["id"])
+
+
+SERVICE_MENUS = (PPP_SECRET, HOTSPOT_USER)

@@ -1,0 +1,303 @@
+"""Reconciliation, the expiry sweep and router facts: finding drift, never forcing it.
+
+Reconciliation reads each menu once, diffs against the database and enqueues the same
+``sync_subscriber`` job for every drifted subscriber; managed entries the database no
+longer knows are removed. The mass-disconnect guard stops a sweep or reconciliation that
+would cut off too many of one router's subscribers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pydantic import BaseModel
+
+from imsys import outbox
+from imsys.deps import Deps
+from imsys.errors import PermanentError
+from imsys.routeros import RouterError
+from imsys.streams.job import Job
+from imsys.sync import repo
+from imsys.sync.desired import (
+    HOTSPOT_ACTIVE,
+    MENU_BY_SERVICE,
+    PPP_ACTIVE,
+    Plan,
+    parse_marker,
+    plan,
+)
+from imsys.sync.handlers import Auditor, RouterJob, router_session, router_target
+from imsys.sync.service import sync_job_id
+
+log = structlog.get_logger("imsys.sync")
+
+
+class ExpireTenant(BaseModel):
+    tenant_id: int
+
+
+@dataclass
+class RouterPlan:
+    """What reconciliation would do on one router."""
+
+    router_id: int
+    managed_entries: int
+    subscribers: int
+    drifted: list[tuple[int, Plan]] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    orphans: list[tuple[str, str, str]] = field(default_factory=list)  # (menu, id, name)
+    guard: str | None = None
+
+    def cutting(self) -> int:
+        return sum(1 for _, p in self.drifted if p.disables) + len(self.orphans)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "router_id": self.router_id,
+            "subscribers": self.subscribers,
+            "managed_entries": self.managed_entries,
+            "changes": [
+                {"subscriber_id": sid, "commands": p.describe()} for sid, p in self.drifted
+            ],
+            "pending_syncs": self.pending,
+            "remove_unknown": [{"menu": m, "id": i, "name": n} for m, i, n in self.orphans],
+            "would_disconnect": self.cutting(),
+            "guard": self.guard,
+        }
+
+
+def guard_verdict(
+    deps: Deps, *, cutting: int, total: int, share: float, overridden: bool
+) -> str | None:
+    """Why the guard stops this change, or None when it may go ahead."""
+    if overridden or cutting <= deps.settings.sync.guard_min_count:
+        return None
+    if cutting > share * max(total, 1):
+        return (
+            f"would cut off {cutting} of {total} subscribers "
+            f"(over {share:.0%}); an operator must confirm"
+        )
+    return None
+
+
+async def build_plan(deps: Deps, router: Any) -> RouterPlan:
+    tag = deps.settings.sync.comment_tag
+    subs = {s.id: s for s in await repo.router_subscribers(deps.db, router["id"])}
+    async with router_session(deps, router) as ros:
+        menus = {menu: await ros.print(menu) for menu in MENU_BY_SERVICE.values()}
+    found: dict[int, dict[str, list[dict[str, str]]]] = {}
+    result = RouterPlan(router["id"], 0, sum(1 for s in subs.values() if s.desired.present))
+    for menu, entries in menus.items():
+        for entry in entries:
+            sid = parse_marker(tag, entry.get("comment"))
+            if sid is None:
+                continue  # not ours: never touched
+            result.managed_entries += 1
+            if sid not in subs:
+                result.orphans.append((menu, entry[".id"], entry.get("name", "")))
+            else:
+                found.setdefault(sid, {m: [] for m in MENU_BY_SERVICE.values()})[menu].append(entry)
+    for sid, sub in subs.items():
+        managed = found.get(sid, {m: [] for m in MENU_BY_SERVICE.values()})
+        p = plan(sub.desired, managed, tag)
+        if not p.empty:
+            result.drifted.append((sid, p))
+        elif sub.sync_status != "synced" or sub.kick_required:
+            result.pending.append(sid)
+    tenant_share = await deps.db.fetchval(
+        "SELECT max_disconnect_share::float FROM tenants WHERE id = $1", router["tenant_id"]
+    )
+    result.guard = guard_verdict(
+        deps,
+        cutting=result.cutting(),
+        total=max(result.subscribers, result.managed_entries),
+        share=tenant_share,
+        overridden=bool(router["guard_overridden"]),
+    )
+    return result
+
+
+async def trip_guard(deps: Deps, router_id: int, reason: str, correlation: str, cause: str) -> None:
+    await deps.db.execute(
+        "UPDATE routers SET guard_tripped_at = now(), guard_reason = $2 WHERE id = $1",
+        router_id,
+        reason,
+    )
+    await repo.audit(
+        deps.db,
+        correlation_id=correlation,
+        cause=cause,
+        action="guard_tripped",
+        outcome="stopped",
+        router_id=router_id,
+        detail={"reason": reason},
+    )
+    log.error("mass_disconnect_guard_tripped", router_id=router_id, reason=reason, cause=cause)
+
+
+async def sync_router(deps: Deps, job: Job[RouterJob]) -> None:
+    router = await repo.load_router(deps.db, job.payload.router_id)
+    if router is None:
+        raise PermanentError(f"router {job.payload.router_id} does not exist")
+    correlation = job.payload.correlation_id or f"reconcile:{router['id']}:{job.id}"
+    result = await build_plan(deps, router)
+    if result.guard:
+        await trip_guard(deps, router["id"], result.guard, correlation, "reconciliation")
+        return
+    if result.orphans:
+        audit = Auditor(
+            deps,
+            correlations=[correlation],
+            cause="reconciliation",
+            tenant_id=router["tenant_id"],
+            router_id=router["id"],
+            subscriber_id=None,
+        )
+        async with router_session(deps, router) as ros:
+            for menu, item_id, name in result.orphans:
+                await audit.run(
+                    f"remove {menu}", {"id": item_id, "name": name}, ros.remove(menu, item_id)
+                )
+    for sid in [sid for sid, _ in result.drifted] + result.pending:
+        await deps.engine.producer.enqueue(
+            "sync",
+            "sync_subscriber",
+            {"subscriber_id": sid, "correlation_id": correlation, "cause": "reconciliation"},
+            job_id=sync_job_id(sid),
+        )
+    log.info(
+        "router_reconciled",
+        router_id=router["id"],
+        drifted=len(result.drifted),
+        pending=len(result.pending),
+        removed_unknown=len(result.orphans),
+    )
+
+
+async def expire_tenant(deps: Deps, job: Job[ExpireTenant]) -> None:
+    """Suspend the tenant's subscribers whose expiry (plus grace) has passed, per router."""
+    tenant_id = job.payload.tenant_id
+    tenant = await deps.db.fetchrow(
+        "SELECT id, grace_period, max_disconnect_share::float AS share FROM tenants WHERE id = $1",
+        tenant_id,
+    )
+    if tenant is None:
+        raise PermanentError(f"tenant {tenant_id} does not exist")
+    correlation = f"expire:{tenant_id}:{job.id}"
+    rows = await deps.db.fetch(
+        """
+        SELECT s.router_id, array_agg(s.id ORDER BY s.id) AS due,
+               (SELECT count(*) FROM subscribers a WHERE a.router_id = s.router_id
+                  AND a.deleted_at IS NULL) AS total,
+               bool_or(r.guard_override_until > now()) AS overridden
+        FROM subscribers s JOIN routers r ON r.id = s.router_id
+        WHERE s.tenant_id = $1 AND s.deleted_at IS NULL AND NOT s.is_suspended
+          AND s.expires_at IS NOT NULL AND s.expires_at + $2::interval <= now()
+        GROUP BY s.router_id
+        """,
+        tenant_id,
+        tenant["grace_period"],
+    )
+    for row in rows:
+        reason = guard_verdict(
+            deps,
+            cutting=len(row["due"]),
+            total=row["total"],
+            share=tenant["share"],
+            overridden=bool(row["overridden"]),
+        )
+        if reason:
+            await trip_guard(deps, row["router_id"], f"expiry sweep {reason}", correlation, "sweep")
+            continue
+        async with deps.db.acquire() as conn, conn.transaction():
+            # Expiry is a UTC instant; the tenant's time zone plays no part here.
+            suspended = await conn.fetch(
+                """
+                UPDATE subscribers SET is_suspended = true, kick_required = true,
+                    desired_version = desired_version + 1, sync_status = 'pending',
+                    updated_at = now(), pending_correlations = pending_correlations || ARRAY[$3]
+                WHERE id = ANY($1::bigint[]) AND NOT is_suspended AND deleted_at IS NULL
+                  AND expires_at + $2::interval <= now()
+                RETURNING id
+                """,
+                row["due"],
+                tenant["grace_period"],
+                correlation,
+            )
+            await outbox.add_many(
+                conn,
+                "sync",
+                "sync_subscriber",
+                [
+                    (
+                        {"subscriber_id": r["id"], "correlation_id": correlation, "cause": "sweep"},
+                        sync_job_id(r["id"]),
+                    )
+                    for r in suspended
+                ],
+            )
+        if suspended:
+            log.info(
+                "subscribers_expired",
+                tenant_id=tenant_id,
+                router_id=row["router_id"],
+                count=len(suspended),
+            )
+
+
+async def router_facts(deps: Deps, router: Any) -> None:
+    """Pull one router's facts and its subscribers' sessions; mark it offline if silent."""
+    try:
+        async with deps.routers.session(router_target(deps, router)) as ros:
+            res = await ros.resource()
+            ppp = await ros.active_ppp(None)
+            hs = await ros.active_hotspot(None)
+    except RouterError as exc:
+        await deps.circuit.failure(router["id"])
+        if await repo.set_router_online(deps.db, router["id"], False, str(exc)):
+            log.warning("router_offline", router_id=router["id"], error=str(exc))
+        return
+    sessions = [("pppoe", a.get("name", ""), a.get("address"), a.get("uptime")) for a in ppp]
+    sessions += [("hotspot", a.get("user", ""), a.get("address"), a.get("uptime")) for a in hs]
+    cpu = res.get("cpu-load")
+    was_online = router["online"]
+    await repo.record_router_facts(
+        deps.db,
+        router["id"],
+        version=res.get("version"),
+        uptime=res.get("uptime"),
+        cpu_load=int(cpu) if cpu and cpu.isdigit() else None,
+        sessions=sessions,
+    )
+    if await deps.circuit.success(router["id"]) or was_online is not True:
+        log.info("router_online", router_id=router["id"])
+
+
+async def all_router_facts(deps: Deps) -> None:
+    routers = await deps.db.fetch(repo.ROUTER.replace("WHERE id = $1", ""))
+    # Each router on its own: a silent one costs its own timeout, not the others'.
+    await asyncio.gather(*(router_facts(deps, r) for r in routers))
+
+
+async def enqueue_reconciliation(deps: Deps) -> int:
+    routers = await deps.db.fetch("SELECT id FROM routers ORDER BY id")
+    for r in routers:
+        await deps.engine.producer.enqueue(
+            "sync", "sync_router", {"router_id": r["id"]}, job_id=f"sync_router:{r['id']}"
+        )
+    return len(routers)
+
+
+async def enqueue_expiry(deps: Deps) -> int:
+    tenants = await deps.db.fetch("SELECT id FROM tenants ORDER BY id")
+    for t in tenants:
+        await deps.engine.producer.enqueue(
+            "sync", "expire_tenant", {"tenant_id": t["id"]}, job_id=f"expire_tenant:{t['id']}"
+        )
+    return len(tenants)
+
+
+ACTIVE_MENUS = (PPP_ACTIVE, HOTSPOT_ACTIVE)

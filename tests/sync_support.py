@@ -68,7 +68,9 @@ class Stack:
         row = await service.create_subscriber(self.db, data, f"test:create:{username}")
         return int(row["id"])
 
-    async def patch(self, subscriber_id: int, correlation: str = "test:patch", **changes: Any) -> None:
+    async def patch(
+        self, subscriber_id: int, correlation: str = "test:patch", **changes: Any
+    ) -> None:
         await service.update_subscriber(
             self.db, subscriber_id, service.SubscriberPatch(**changes), correlation
         )
@@ -145,36 +147,53 @@ async def make_stack(
         router = await service.create_router(
             db,
             service.RouterIn(
-                tenant_id=tenant["id"], name=f"r{i}", host="127.0.0.1", port=sim.port,
-                username="admin", password=ROUTER_PASSWORD,
+                tenant_id=tenant["id"],
+                name=f"r{i}",
+                host="127.0.0.1",
+                port=sim.port,
+                username="admin",
+                password=ROUTER_PASSWORD,
             ),
         )
         router_ids.append(router["id"])
     basic = await service.create_package(
-        db, service.PackageIn(tenant_id=tenant["id"], name="basic", profile="basic", price=10,
-                              period_days=30)
+        db,
+        service.PackageIn(
+            tenant_id=tenant["id"], name="basic", profile="basic", price=10, period_days=30
+        ),
     )
     premium = await service.create_package(
-        db, service.PackageIn(tenant_id=tenant["id"], name="premium", profile="premium", price=20,
-                              period_days=30)
+        db,
+        service.PackageIn(
+            tenant_id=tenant["id"], name="premium", profile="premium", price=20, period_days=30
+        ),
     )
     stack = Stack(
-        deps=deps, sims=sims, relay=OutboxRelay(db, engine.producer, poll_s=0.05),
-        tenant_id=tenant["id"], router_ids=router_ids, basic=basic["id"],
-        premium=premium["id"], prefix=prefix,
+        deps=deps,
+        sims=sims,
+        relay=OutboxRelay(db, engine.producer, poll_s=0.05),
+        tenant_id=tenant["id"],
+        router_ids=router_ids,
+        basic=basic["id"],
+        premium=premium["id"],
+        prefix=prefix,
     )
     return stack, http, pool
 
 
 @pytest.fixture
-async def stack(settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str) -> AsyncIterator[Stack]:
+async def stack(
+    settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str
+) -> AsyncIterator[Stack]:
     s, http, pool = await make_stack(settings, redis, db, prefix)
     yield s
     await _teardown(s, http, pool)
 
 
 @pytest.fixture
-async def stack2(settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str) -> AsyncIterator[Stack]:
+async def stack2(
+    settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str
+) -> AsyncIterator[Stack]:
     """Two routers in one tenant."""
     s, http, pool = await make_stack(settings, redis, db, prefix, routers=2)
     yield s

@@ -267,9 +267,7 @@ async def test_stall_times_out_and_discards_the_connection(
     assert sim.connections == 2
 
 
-async def test_connect_timeout_raises_unavailable(
-    sim: RouterOSSimulator, pool: RouterPool
-) -> None:
+async def test_connect_timeout_raises_unavailable(sim: RouterOSSimulator, pool: RouterPool) -> None:
     """A router that accepts but never answers the login is RouterUnavailable in time."""
     sim.stall()
     loop = asyncio.get_running_loop()
@@ -279,6 +277,9 @@ async def test_connect_timeout_raises_unavailable(
             await ros.resource()
     assert loop.time() - started < 1.0
     assert caught.value.maybe_applied is False
+    # The stalled router notices the close only when it reads again: had we left the
+    # socket open, the late login would succeed and keep it open.
+    sim.unstall()
     await eventually(lambda: sim.open_connections == 0)
 
 

@@ -30,6 +30,9 @@ TEST_DATABASE_URL = os.environ.get(
 
 imsys_logging.configure("warning", json=True)
 
+# The whole-stack fixtures (`stack`, `stack2`) live beside the tests that use them.
+pytest_plugins = ["tests.sync_support"]
+
 
 def _admin_url(url: str) -> str:
     return url.rsplit("/", 1)[0] + "/postgres"

@@ -25,7 +25,7 @@ from imsys.streams.engine import Engine
 from imsys.streams.job import Registry
 from imsys.sync import service
 
-ROUTER_PASSWORD = "r0uter-pass"  # noqa: S105 - the simulator's test account
+ROUTER_PASSWORD = "r0uter-pass"
 
 
 @dataclass

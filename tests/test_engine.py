@@ -382,7 +382,9 @@ async def test_duplicate_of_a_running_job_says_so(redis: Redis, settings: Settin
     while consumer.running:
         await asyncio.sleep(0.01)
     await consumer.flush()
-    assert not (await engine.producer.enqueue("billing", "item", {"n": 1}, job_id="sub-3")).duplicate
+    assert not (
+        await engine.producer.enqueue("billing", "item", {"n": 1}, job_id="sub-3")
+    ).duplicate
 
 
 async def test_job_id_dedupe_for_raw_producers(redis: Redis, settings: Settings) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.sync_support import Stack, stack  # noqa: F401 - fixture
+from tests.sync_support import Stack
 
 SECRET = "/ppp/secret"
 

@@ -8,7 +8,7 @@ import time
 from imsys.sim.routeros_state import Write
 from imsys.sync import service
 from imsys.sync.reconcile import all_router_facts
-from tests.sync_support import Stack, past, stack, stack2  # noqa: F401 - fixtures
+from tests.sync_support import Stack, past
 
 SECRET = "/ppp/secret"
 

@@ -23,12 +23,10 @@ RUN groupadd --system --gid 10001 imsys \
 WORKDIR /src
 COPY pyproject.toml README.md schema.sql config.example.toml ./
 COPY imsys ./imsys
-# `migrate` reads schema.sql from the installed package's folder (imsys/db.py) and the
-# wheel does not carry it: put it there. The steps after `cd /` must not see /src/imsys.
+# imsys/schema.sql is a symlink to the top-level schema.sql; the wheel carries its
+# content, which `migrate` reads. The check after `cd /` must not see /src/imsys.
 RUN pip install . \
     && cd / \
-    && pkg="$(python -c 'import imsys, pathlib; print(pathlib.Path(imsys.__file__).parent)')" \
-    && cp /src/schema.sql "$pkg/schema.sql" \
     && python -c 'from imsys.db import schema_path; p = schema_path(); assert p.is_file(), p' \
     && install -d -m 0755 /etc/imsys \
     && cp /src/config.example.toml /etc/imsys/config.example.toml \

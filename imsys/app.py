@@ -34,6 +34,8 @@ def make_redis(settings: Settings) -> Redis:
         socket_keepalive=True,
         socket_connect_timeout=5,
         health_check_interval=30,
+        # Each blocking reader holds a connection of its own; jobs borrow the rest.
+        max_connections=1000,
     )
 
 

@@ -281,11 +281,11 @@ def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
     elif args.which == "bouncer":
         from imsys.sim import bouncer
 
-        coro = bouncer.serve(args.host, args.port or 8081, args.api_key)
+        coro = bouncer.serve(args.host, args.port or bouncer.DEFAULT_PORT, args.api_key)
     else:
         from imsys.sim import gateway
 
-        coro = gateway.serve(args.host, args.port or 8082)
+        coro = gateway.serve(args.host, args.port or gateway.DEFAULT_PORT)
     try:
         _run(coro)
     except KeyboardInterrupt:

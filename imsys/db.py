@@ -22,15 +22,14 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("imsys.db")
 
-SCHEMA = Path(__file__).resolve().parent / "schema.sql"
+# A symlink to the top-level schema.sql, so the wheel carries it (migrate in a container).
+SCHEMA = Path(__file__).parent / "schema.sql"
 # Serialises concurrent ``migrate`` runs (several processes starting at once).
 MIGRATE_LOCK = 0x1A5F5
 
 
 def schema_path() -> Path:
-    """schema.sql ships inside the package; a checkout keeps its copy at the top too."""
-    top = Path(__file__).resolve().parent.parent / "schema.sql"
-    return top if top.exists() else SCHEMA
+    return SCHEMA
 
 
 async def connect_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

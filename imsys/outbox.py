@@ -121,28 +121,27 @@ class OutboxRelay:
         """Relay until ``stopping``: on NOTIFY at once, else every ``poll_s``."""
         backoff = Backoff(first=0.2, cap=10)
         listener: PoolConnectionProxy | None = None
-        while not stopping.is_set():
-            try:
-                if listener is None or listener.is_closed():
-                    listener = await self.db.acquire()
-                    await listener.add_listener(CHANNEL, self._notified)
-                while await self.relay_once() >= BATCH:
-                    pass
-                backoff.reset()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, *REDIS_DOWN) as exc:
-                log.warning("outbox_relay_failed", error=redact_text(str(exc)))
-                if listener is not None:
-                    await self._release(listener)
-                    listener = None
-                await backoff.sleep()
-                continue
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
-            except TimeoutError:
-                pass
-        if listener is not None:
-            await self._release(listener)
+        try:
+            while not stopping.is_set():
+                try:
+                    if listener is None or listener.is_closed():
+                        listener = await self.db.acquire()
+                        await listener.add_listener(CHANNEL, self._notified)
+                    while await self.relay_once() >= BATCH:
+                        pass
+                    backoff.reset()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, *REDIS_DOWN) as exc:
+                    log.warning("outbox_relay_failed", error=redact_text(str(exc)))
+                    if listener is not None:
+                        await self._release(listener)
+                        listener = None
+                    await backoff.sleep()
+                    continue
+                self._wake.clear()
+                await _first(self._wake, stopping, within=self.poll_s)
+        finally:
+            if listener is not None:
+                await asyncio.shield(self._release(listener))
 
     async def _release(self, conn: PoolConnectionProxy) -> None:
         try:
@@ -153,3 +152,13 @@ class OutboxRelay:
             await self.db.release(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             pass
+
+
+async def _first(a: asyncio.Event, b: asyncio.Event, *, within: float) -> None:
+    """Wait until either event is set, or ``within`` seconds pass."""
+    waits = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
+    try:
+        await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

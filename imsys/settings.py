@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from imsys.errors import ConfigError
+from imsys.providers.config import BouncerConfig, SmsConfig, SmtpConfig, WhatsAppConfig
 
 STREAMS = ("sync", "billing", "events", "bouncer")
 
@@ -113,14 +114,17 @@ class EngineSettings(BaseModel):
     history_hours: float = Field(default=24.0, gt=0)
     grace_period_s: float = Field(default=30.0, ge=0)
     promote_interval_s: float = Field(default=0.5, gt=0)
-    # How long a per-key slot (e.g. one of a router's 5) is held without a heartbeat.
-    limit_lease_s: float = Field(default=60.0, gt=0)
+    # How long a per-key slot (e.g. one of a router's 5) outlives a holder that died
+    # (holders refresh it every heartbeat_s, so keep it a few heartbeats long).
+    limit_lease_s: float = Field(default=45.0, gt=0)
     # How long a job waits for a per-key slot before it is deferred.
     limit_wait_s: float = Field(default=5.0, ge=0)
 
 
 class SyncSettings(BaseModel):
     """Router sync: reconciliation, expiry sweep, router facts, circuit breaker, guard."""
+
+    model_config = ConfigDict(extra="forbid")
 
     # Entries imsys manages carry the comment "<tag>:sub=<subscriber id>"; others are
     # never touched.
@@ -152,6 +156,10 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     engine: EngineSettings = EngineSettings()
     sync: SyncSettings = SyncSettings()
+    bouncer: BouncerConfig = BouncerConfig()
+    sms: SmsConfig = SmsConfig()
+    whatsapp: WhatsAppConfig = WhatsAppConfig()
+    smtp: SmtpConfig = SmtpConfig()
     streams: dict[str, StreamPolicy] = Field(default_factory=_default_streams)
 
     @field_validator("streams", mode="before")

@@ -64,6 +64,19 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture
+async def isolated_database(database_url: str, prefix: str) -> AsyncIterator[str]:
+    """A database of this test's own, for a service process that must see nothing else."""
+    url = f"{database_url}_{prefix}"
+    await migrate(url)
+    yield url
+    conn = await asyncpg.connect(_admin_url(url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
 def prefix() -> str:
     return f"t{secrets.token_hex(4)}"
 

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from imsys.app import make_circuit, register_domains
@@ -198,6 +199,24 @@ async def stack2(
     s, http, pool = await make_stack(settings, redis, db, prefix, routers=2)
     yield s
     await _teardown(s, http, pool)
+
+
+@pytest.fixture
+async def isolated_stack(
+    settings: Settings, redis: Redis, prefix: str, isolated_database: str
+) -> AsyncIterator[Stack]:
+    """A stack on a database of its own (for tests that run the real service process)."""
+    settings = settings.model_copy(
+        update={
+            "database": settings.database.model_copy(update={"url": SecretStr(isolated_database)})
+        }
+    )
+    pool = await asyncpg.create_pool(isolated_database, min_size=1, max_size=5)
+    assert pool is not None
+    s, http, routers = await make_stack(settings, redis, pool, prefix)
+    yield s
+    await _teardown(s, http, routers)
+    await pool.close()
 
 
 async def _teardown(s: Stack, http: aiohttp.ClientSession, pool: RouterPool) -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ROOT, subprocess_env
 from redis.asyncio import Redis
 
 from imsys.settings import STREAMS, Settings
 from imsys.streams.engine import Engine
 from imsys.streams.job import Registry
+from tests.conftest import ROOT, subprocess_env
 
 ENTRY_ID = re.compile(r"^\d+-\d+$")
 OTP = '{"recipient": "+15550100", "otp": "123456", "user_name": "ann", "expires_at": 1}'

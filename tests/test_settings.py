@@ -42,7 +42,7 @@ def flatten(s: Settings) -> dict[str, Any]:
             key = f"{prefix}.{name}" if prefix else name
             if isinstance(value, BaseModel):
                 walk(key, value)
-            elif isinstance(value, dict):
+            elif isinstance(value, dict) and all(isinstance(v, BaseModel) for v in value.values()):
                 for sub, item in value.items():
                     walk(f"{key}.{sub}", item)
             elif isinstance(value, SecretStr):

@@ -75,7 +75,11 @@ async def test_create_answers_queued_batch(http: aiohttp.ClientSession) -> None:
     assert re.fullmatch(r"[0-9a-f]{24}", body["batchId"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", body["created"])
     assert body | {"batchId": "", "created": ""} == {
-        "batchId": "", "created": "", "status": "queued", "quantity": 2, "duplicates": 0,
+        "batchId": "",
+        "created": "",
+        "status": "queued",
+        "quantity": 2,
+        "duplicates": 0,
     }
 
 
@@ -217,12 +221,22 @@ async def test_download_gives_predictable_records_with_names(
     assert status == 200
     assert records == [sim.result_for(e, f"id-{i}") for i, e in enumerate(emails)]
     # Another simulator, another run: the same answers.
-    assert records == [verify(e, f"id-{i}", BUILTIN_RULES)
-                       for i, e in enumerate(emails)]
+    assert records == [verify(e, f"id-{i}", BUILTIN_RULES) for i, e in enumerate(emails)]
     assert {r["status"] for r in records} >= {"deliverable", "undeliverable"}
     record = records[0]
-    assert set(record) == {"email", "name", "status", "reason", "domain", "account", "dns",
-                           "provider", "score", "toxic", "toxicity"}
+    assert set(record) == {
+        "email",
+        "name",
+        "status",
+        "reason",
+        "domain",
+        "account",
+        "dns",
+        "provider",
+        "score",
+        "toxic",
+        "toxicity",
+    }
     assert set(record["domain"]) == {"name", "acceptAll", "disposable", "free"}
     assert set(record["account"]) == {"role", "disabled", "fullMailbox"}
     assert record["domain"]["acceptAll"] in ("yes", "no")
@@ -230,9 +244,18 @@ async def test_download_gives_predictable_records_with_names(
 
 async def test_built_in_rules(http: aiohttp.ClientSession, sim: BouncerSimulator) -> None:
     """catchall.test is accept-all, bad* is undeliverable, sandbox prefixes set the status."""
-    emails = ["anyone@catchall.test", "bad.actor@example.com", "deliverable+2@x.com",
-              "risky@x.com", "undeliverable@x.com", "unknown@x.com", "not-an-address",
-              "someone@gmail.com", "info@x.com", "temp@mailinator.com"]
+    emails = [
+        "anyone@catchall.test",
+        "bad.actor@example.com",
+        "deliverable+2@x.com",
+        "risky@x.com",
+        "undeliverable@x.com",
+        "unknown@x.com",
+        "not-an-address",
+        "someone@gmail.com",
+        "info@x.com",
+        "temp@mailinator.com",
+    ]
     batch_id = (await create(http, *emails))["batchId"]
     sim.complete_batch(batch_id)
     _, records = await get(http, f"{BATCH}/{batch_id}/download")
@@ -242,10 +265,13 @@ async def test_built_in_rules(http: aiohttp.ClientSession, sim: BouncerSimulator
     assert by_email["bad.actor@example.com"]["status"] == "undeliverable"
     assert by_email["bad.actor@example.com"]["domain"]["acceptAll"] == "no"
     for status in ("deliverable", "risky", "undeliverable", "unknown"):
-        assert by_email[f"{status}{'+2' if status == 'deliverable' else ''}@x.com"]["status"] \
-            == status
+        assert (
+            by_email[f"{status}{'+2' if status == 'deliverable' else ''}@x.com"]["status"] == status
+        )
     assert (by_email["not-an-address"]["status"], by_email["not-an-address"]["reason"]) == (
-        "undeliverable", "invalid_email")
+        "undeliverable",
+        "invalid_email",
+    )
     assert by_email["someone@gmail.com"]["domain"]["free"] == "yes"
     assert by_email["info@x.com"]["account"]["role"] == "yes"
     assert by_email["temp@mailinator.com"]["domain"]["disposable"] == "yes"
@@ -289,9 +315,7 @@ async def test_download_before_completion_is_400(http: aiohttp.ClientSession) ->
     ("method", "suffix"),
     [("GET", ""), ("GET", "/download"), ("DELETE", ""), ("POST", "/finish")],
 )
-async def test_unknown_batch_is_404(
-    http: aiohttp.ClientSession, method: str, suffix: str
-) -> None:
+async def test_unknown_batch_is_404(http: aiohttp.ClientSession, method: str, suffix: str) -> None:
     """Every batch endpoint answers 404 for an id it never issued."""
     async with http.request(method, f"{BATCH}/ffffffffffffffffffffffff{suffix}") as resp:
         assert resp.status == 404
@@ -446,7 +470,10 @@ async def test_lost_create_response(http: aiohttp.ClientSession, sim: BouncerSim
     assert sim.creations == 1
     [lost] = sim.batches()
     assert (lost.emails, lost.names, lost.response_lost) == (
-        ("a@example.com", "b@example.com"), ("id-0", "id-1"), True)
+        ("a@example.com", "b@example.com"),
+        ("id-0", "id-1"),
+        True,
+    )
     retried = await create(http, "a@example.com", "b@example.com")
     assert retried["batchId"] != lost.batch_id
     assert sim.creations == 2
@@ -579,7 +606,13 @@ async def test_serve_runs_until_cancelled() -> None:
 async def test_module_runs_standalone() -> None:
     """python -m imsys.sim.bouncer --port 0 listens and logs its URL."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "imsys.sim.bouncer", "--port", "0", "--api-key", "cli-key",
+        sys.executable,
+        "-m",
+        "imsys.sim.bouncer",
+        "--port",
+        "0",
+        "--api-key",
+        "cli-key",
         stderr=asyncio.subprocess.PIPE,
     )
     try:

@@ -33,8 +33,12 @@ TW_AUTH = {"Authorization": aiohttp.encode_basic_auth(TW_SID, TW_TOKEN)}
 @pytest.fixture
 async def sim() -> AsyncIterator[GatewaySimulator]:
     simulator = GatewaySimulator(
-        at_username="isp", at_api_key=AT_KEY, twilio_account_sid=TW_SID,
-        twilio_auth_token=TW_TOKEN, sms_token=SMS_TOKEN, whatsapp_token=WA_TOKEN,
+        at_username="isp",
+        at_api_key=AT_KEY,
+        twilio_account_sid=TW_SID,
+        twilio_auth_token=TW_TOKEN,
+        sms_token=SMS_TOKEN,
+        whatsapp_token=WA_TOKEN,
     )
     await simulator.start()
     yield simulator
@@ -52,8 +56,9 @@ async def post(http: aiohttp.ClientSession, path: str, **kwargs: Any) -> tuple[i
         return resp.status, await resp.json()
 
 
-async def send_sms(http: aiohttp.ClientSession, to: str = "+254700000001",
-                   message: str = "hello") -> tuple[int, Any]:
+async def send_sms(
+    http: aiohttp.ClientSession, to: str = "+254700000001", message: str = "hello"
+) -> tuple[int, Any]:
     return await post(http, "/sms", json={"to": to, "message": message}, headers=SMS_HEADERS)
 
 
@@ -66,30 +71,40 @@ def wa_text(to: str = "+254700000002", body: str = "hi") -> dict[str, Any]:
 
 async def test_africastalking_form_send(http: aiohttp.ClientSession, sim: GatewaySimulator) -> None:
     """A form send answers 201 SMSMessageData and records the message with its messageId."""
-    form = {"username": "isp", "to": "+254711000001", "message": "Your code is 1234",
-            "from": "ISP"}
+    form = {"username": "isp", "to": "+254711000001", "message": "Your code is 1234", "from": "ISP"}
     status, body = await post(http, AT, data=form, headers=AT_HEADERS)
     assert status == 201
     data = body["SMSMessageData"]
     assert data["Message"].startswith("Sent to 1/1")
     [recipient] = data["Recipients"]
     assert recipient | {"messageId": ""} == {
-        "number": "+254711000001", "status": "Success", "statusCode": 101, "messageId": "",
+        "number": "+254711000001",
+        "status": "Success",
+        "statusCode": 101,
+        "messageId": "",
         "cost": "KES 0.8000",
     }
     assert recipient["messageId"].startswith("ATXid_")
     [sent] = sim.messages()
     assert (sent.channel, sent.api, sent.to, sent.body, sent.sender, sent.provider_id) == (
-        "sms", "africastalking", "+254711000001", "Your code is 1234", "ISP",
-        recipient["messageId"])
+        "sms",
+        "africastalking",
+        "+254711000001",
+        "Your code is 1234",
+        "ISP",
+        recipient["messageId"],
+    )
 
 
 async def test_africastalking_json_many_recipients(
     http: aiohttp.ClientSession, sim: GatewaySimulator
 ) -> None:
     """A JSON send to several numbers records each valid one and flags the invalid one."""
-    payload = {"username": "isp", "to": "+254711000001,+254711000002,not-a-number",
-               "message": "Outage tonight"}
+    payload = {
+        "username": "isp",
+        "to": "+254711000001,+254711000002,not-a-number",
+        "message": "Outage tonight",
+    }
     status, body = await post(http, AT, json=payload, headers=AT_HEADERS)
     assert status == 201
     assert body["SMSMessageData"]["Message"].startswith("Sent to 2/3")
@@ -117,8 +132,11 @@ async def test_africastalking_bad_credentials_401(
 
 @pytest.mark.parametrize(
     "form",
-    [{"username": "isp", "to": "+254711000001"}, {"username": "isp", "message": "x"},
-     {"username": "isp", "to": " ", "message": "x"}],
+    [
+        {"username": "isp", "to": "+254711000001"},
+        {"username": "isp", "message": "x"},
+        {"username": "isp", "to": " ", "message": "x"},
+    ],
     ids=["no-message", "no-to", "blank-to"],
 )
 async def test_africastalking_malformed_400(
@@ -141,16 +159,23 @@ async def test_twilio_send(http: aiohttp.ClientSession, sim: GatewaySimulator) -
     assert status == 201
     assert re.fullmatch(r"SM[0-9a-f]{32}", body["sid"])
     assert (body["status"], body["to"], body["body"], body["account_sid"]) == (
-        "queued", "+15005550006", "Invoice ready", TW_SID)
+        "queued",
+        "+15005550006",
+        "Invoice ready",
+        TW_SID,
+    )
     [sent] = sim.messages("sms")
     assert (sent.api, sent.provider_id, sent.sender) == ("twilio", body["sid"], "+15005550001")
 
 
 @pytest.mark.parametrize(
     ("auth", "path"),
-    [({"Authorization": aiohttp.encode_basic_auth(TW_SID, "wrong")}, TWILIO), ({}, TWILIO),
-     ({"Authorization": "Basic !!!"}, TWILIO),
-     (TW_AUTH, "/2010-04-01/Accounts/AC" + "2" * 32 + "/Messages.json")],
+    [
+        ({"Authorization": aiohttp.encode_basic_auth(TW_SID, "wrong")}, TWILIO),
+        ({}, TWILIO),
+        ({"Authorization": "Basic !!!"}, TWILIO),
+        (TW_AUTH, "/2010-04-01/Accounts/AC" + "2" * 32 + "/Messages.json"),
+    ],
     ids=["wrong-token", "no-auth", "garbled-auth", "other-account"],
 )
 async def test_twilio_bad_credentials_401(
@@ -165,10 +190,12 @@ async def test_twilio_bad_credentials_401(
 
 @pytest.mark.parametrize(
     ("form", "code"),
-    [({"From": "+15005550001", "Body": "x"}, 21604),
-     ({"To": "+15005550006", "From": "+15005550001"}, 21602),
-     ({"To": "+15005550006", "Body": "x"}, 21603),
-     ({"To": "nope", "From": "+15005550001", "Body": "x"}, 21211)],
+    [
+        ({"From": "+15005550001", "Body": "x"}, 21604),
+        ({"To": "+15005550006", "From": "+15005550001"}, 21602),
+        ({"To": "+15005550006", "Body": "x"}, 21603),
+        ({"To": "nope", "From": "+15005550001", "Body": "x"}, 21211),
+    ],
     ids=["no-to", "no-body", "no-from", "bad-to"],
 )
 async def test_twilio_malformed_400(
@@ -194,19 +221,22 @@ async def test_generic_sms_bad_token_401(
     http: aiohttp.ClientSession, sim: GatewaySimulator
 ) -> None:
     """POST /sms with another channel's token answers 401."""
-    status, body = await post(http, "/sms", json={"to": "+254700000001", "message": "x"},
-                              headers=WA_HEADERS)
+    status, body = await post(
+        http, "/sms", json={"to": "+254700000001", "message": "x"}, headers=WA_HEADERS
+    )
     assert (status, body) == (401, {"error": "authentication failed"})
     assert sim.messages() == []
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"data": b"{oops", "headers": SMS_JSON_HEADERS},
-     {"json": ["+254700000001", "x"], "headers": SMS_HEADERS},
-     {"json": {"to": "+254700000001"}, "headers": SMS_HEADERS},
-     {"json": {"to": "+254700000001", "message": 5}, "headers": SMS_HEADERS},
-     {"json": {"to": "call me", "message": "x"}, "headers": SMS_HEADERS}],
+    [
+        {"data": b"{oops", "headers": SMS_JSON_HEADERS},
+        {"json": ["+254700000001", "x"], "headers": SMS_HEADERS},
+        {"json": {"to": "+254700000001"}, "headers": SMS_HEADERS},
+        {"json": {"to": "+254700000001", "message": 5}, "headers": SMS_HEADERS},
+        {"json": {"to": "call me", "message": "x"}, "headers": SMS_HEADERS},
+    ],
     ids=["not-json", "array", "no-message", "message-not-string", "bad-number"],
 )
 async def test_generic_sms_malformed_400(
@@ -224,33 +254,42 @@ async def test_generic_sms_malformed_400(
 
 async def test_whatsapp_text(http: aiohttp.ClientSession, sim: GatewaySimulator) -> None:
     """A text message answers a wamid and is recorded on the whatsapp channel."""
-    status, body = await post(http, WA, json=wa_text(body="Your OTP is 991122"),
-                              headers=WA_HEADERS)
+    status, body = await post(http, WA, json=wa_text(body="Your OTP is 991122"), headers=WA_HEADERS)
     assert status == 200
     [message] = body["messages"]
     assert message["id"].startswith("wamid.")
     assert body["contacts"] == [{"input": "+254700000002", "wa_id": "254700000002"}]
     [sent] = sim.messages("whatsapp")
     assert (sent.to, sent.body, sent.provider_id, sent.template) == (
-        "+254700000002", "Your OTP is 991122", message["id"], None)
+        "+254700000002",
+        "Your OTP is 991122",
+        message["id"],
+        None,
+    )
     assert sim.messages("sms") == []
 
 
 async def test_whatsapp_template(http: aiohttp.ClientSession, sim: GatewaySimulator) -> None:
     """A template message is recorded with its name and its body parameters as text."""
     payload = {
-        "messaging_product": "whatsapp", "to": "254700000003", "type": "template",
+        "messaging_product": "whatsapp",
+        "to": "254700000003",
+        "type": "template",
         "template": {
-            "name": "otp_login", "language": {"code": "en"},
+            "name": "otp_login",
+            "language": {"code": "en"},
             "components": [
                 {"type": "body", "parameters": [{"type": "text", "text": "482913"}]},
-                {"type": "button", "sub_type": "url", "index": "0",
-                 "parameters": [{"type": "text", "text": "482913"}]},
+                {
+                    "type": "button",
+                    "sub_type": "url",
+                    "index": "0",
+                    "parameters": [{"type": "text", "text": "482913"}],
+                },
             ],
         },
     }
-    status, body = await post(http, "/v19.0/1234567890/messages", json=payload,
-                              headers=WA_HEADERS)
+    status, body = await post(http, "/v19.0/1234567890/messages", json=payload, headers=WA_HEADERS)
     assert status == 200
     assert body["messages"][0]["message_status"] == "accepted"
     [sent] = sim.messages("whatsapp")
@@ -267,15 +306,20 @@ async def test_whatsapp_bad_token_401(http: aiohttp.ClientSession, sim: GatewayS
 
 @pytest.mark.parametrize(
     "payload",
-    [{"to": "+254700000002", "type": "text", "text": {"body": "x"}},
-     {**wa_text(), "text": {}},
-     {**wa_text(), "to": "someone"},
-     {**wa_text(), "type": "image"},
-     {"messaging_product": "whatsapp", "to": "+254700000002", "type": "template",
-      "template": {"name": "otp"}},
-     ["not", "an", "object"]],
-    ids=["no-product", "no-body", "bad-to", "unsupported-type", "template-no-language",
-         "array"],
+    [
+        {"to": "+254700000002", "type": "text", "text": {"body": "x"}},
+        {**wa_text(), "text": {}},
+        {**wa_text(), "to": "someone"},
+        {**wa_text(), "type": "image"},
+        {
+            "messaging_product": "whatsapp",
+            "to": "+254700000002",
+            "type": "template",
+            "template": {"name": "otp"},
+        },
+        ["not", "an", "object"],
+    ],
+    ids=["no-product", "no-body", "bad-to", "unsupported-type", "template-no-language", "array"],
 )
 async def test_whatsapp_malformed_400(
     http: aiohttp.ClientSession, sim: GatewaySimulator, payload: object
@@ -318,8 +362,12 @@ async def test_timeout_next_stalls_past_client_timeout(
     """timeout_next stalls the call until the client gives up; nothing is sent."""
     sim.timeout_next()
     with pytest.raises(TimeoutError):
-        async with http.post("/sms", json={"to": "+254700000001", "message": "x"},
-                             headers=SMS_HEADERS, timeout=aiohttp.ClientTimeout(total=0.3)):
+        async with http.post(
+            "/sms",
+            json={"to": "+254700000001", "message": "x"},
+            headers=SMS_HEADERS,
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        ):
             pass
     assert sim.messages() == []
     assert (await send_sms(http))[0] == 200
@@ -332,8 +380,12 @@ async def test_timeout_next_with_delivery(
     """timeout_next(deliver=True): the client times out, yet the message went out."""
     sim.timeout_next(deliver=True, channel="whatsapp")
     with pytest.raises(TimeoutError):
-        async with http.post(WA, json=wa_text(body="otp 1"), headers=WA_HEADERS,
-                             timeout=aiohttp.ClientTimeout(total=0.3)):
+        async with http.post(
+            WA,
+            json=wa_text(body="otp 1"),
+            headers=WA_HEADERS,
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        ):
             pass
     assert [m.body for m in sim.messages("whatsapp")] == ["otp 1"]
 
@@ -378,8 +430,9 @@ async def test_down_answers_503_until_up(
     assert sim.is_down
     assert (await send_sms(http))[0] == 503
     assert (await post(http, WA, json=wa_text(), headers=WA_HEADERS))[0] == 503
-    status, body = await post(http, TWILIO, data={"To": "+15005550006", "Body": "x"},
-                              headers=TW_AUTH)
+    status, body = await post(
+        http, TWILIO, data={"To": "+15005550006", "Body": "x"}, headers=TW_AUTH
+    )
     assert (status, body["status"]) == (503, 503)
     sim.up()
     assert (await send_sms(http))[0] == 200
@@ -387,9 +440,7 @@ async def test_down_answers_503_until_up(
     assert len(sim.messages()) == 1
 
 
-async def test_down_closing_connections(
-    http: aiohttp.ClientSession, sim: GatewaySimulator
-) -> None:
+async def test_down_closing_connections(http: aiohttp.ClientSession, sim: GatewaySimulator) -> None:
     """down(close_connection=True) drops every call unanswered."""
     sim.down(close_connection=True)
     with pytest.raises(aiohttp.ServerDisconnectedError):
@@ -451,8 +502,12 @@ async def test_serve_runs_until_cancelled() -> None:
     sim = await asyncio.wait_for(ready.get(), 5)
     url = sim.url
     async with aiohttp.ClientSession() as http:
-        status, _ = await post(http, url + "/sms", json={"to": "+254700000001", "message": "x"},
-                               headers={"Authorization": f"Bearer {sim.sms_token}"})
+        status, _ = await post(
+            http,
+            url + "/sms",
+            json={"to": "+254700000001", "message": "x"},
+            headers={"Authorization": f"Bearer {sim.sms_token}"},
+        )
         assert status == 200
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -464,7 +519,13 @@ async def test_serve_runs_until_cancelled() -> None:
 async def test_module_runs_standalone() -> None:
     """python -m imsys.sim.gateway --port 0 listens, logs its URL and takes given tokens."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "imsys.sim.gateway", "--port", "0", "--sms-token", "cli-token",
+        sys.executable,
+        "-m",
+        "imsys.sim.gateway",
+        "--port",
+        "0",
+        "--sms-token",
+        "cli-token",
         stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -473,9 +534,12 @@ async def test_module_runs_standalone() -> None:
         match = re.search(r"url=(http://\S+)", line)
         assert match, line
         async with aiohttp.ClientSession() as http:
-            status, body = await post(http, match[1] + "/sms",
-                                      json={"to": "+254700000001", "message": "x"},
-                                      headers={"Authorization": "Bearer cli-token"})
+            status, body = await post(
+                http,
+                match[1] + "/sms",
+                json={"to": "+254700000001", "message": "x"},
+                headers={"Authorization": "Bearer cli-token"},
+            )
             assert (status, set(body)) == (200, {"id", "status", "to"})
     finally:
         proc.terminate()

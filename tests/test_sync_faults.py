@@ -7,7 +7,8 @@ import time
 
 from imsys.sim.routeros_state import Write
 from imsys.sync import service
-from imsys.sync.reconcile import all_router_facts
+from imsys.sync.reconcile import router_facts
+from imsys.sync.repo import load_router
 from tests.sync_support import Stack, past
 
 SECRET = "/ppp/secret"
@@ -245,7 +246,7 @@ async def test_router_facts_update_router_and_subscribers(stack: Stack) -> None:
     await stack.settle()
     stack.sim.set_resource(version="7.16.2 (stable)", uptime="1w2d3h4m5s", cpu_load=37)
     stack.sim.connect_session("zoe", address="100.64.0.7", uptime=125.0)
-    await all_router_facts(stack.deps)
+    await router_facts(stack.deps, await load_router(stack.db, stack.router_id))
     router = await service.get_router(stack.db, stack.router_id)
     assert (router["online"], router["version"], router["uptime"], router["cpu_load"]) == (
         True,
@@ -258,7 +259,7 @@ async def test_router_facts_update_router_and_subscribers(stack: Stack) -> None:
     assert zoe["uptime"] == "2m5s"
     assert (await stack.subscriber(other))["online"] is False
     await stack.sim.go_down()
-    await all_router_facts(stack.deps)
+    await router_facts(stack.deps, await load_router(stack.db, stack.router_id))
     assert (await service.get_router(stack.db, stack.router_id))["online"] is False
     await stack.sim.come_up()
 

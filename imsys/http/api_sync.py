@@ -6,10 +6,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import asyncpg
 import pydantic
 from aiohttp import web
 
+from imsys.errors import Deferred
 from imsys.http.json import ApiError, json_response, read_json
+from imsys.routeros import RouterError
 from imsys.sync import service
 from imsys.sync.reconcile import build_plan
 from imsys.sync.repo import load_router
@@ -64,6 +67,10 @@ def domain_errors(fn: Handler) -> Handler:
             raise ApiError(409, str(exc)) from None
         except service.Invalid as exc:
             raise ApiError(400, str(exc)) from None
+        except asyncpg.DataError as exc:
+            # PostgreSQL cannot hold the value (an id past 64 bits, a NUL in text): the
+            # client's mistake, not ours. Passwords are ASCII-only, so none is echoed here.
+            raise ApiError(400, f"a value cannot be stored: {exc}") from None
 
     return wrapped
 
@@ -108,12 +115,13 @@ async def post_router_plan(request: web.Request) -> web.Response:
     router = await load_router(deps.db, int_param(request))
     if router is None:
         raise service.NotFound(f"router {int_param(request)}")
-    from imsys.errors import Deferred
-
     try:
         result = await build_plan(deps, router)
     except Deferred as exc:
         raise ApiError(503, f"cannot read the router now: {exc}") from None
+    except RouterError as exc:
+        # Reached, but it refused us (bad login, a trap): the router's answer, not ours.
+        raise ApiError(502, f"the router refused the read: {exc}") from None
     return json_response(result.as_dict())
 
 
@@ -187,6 +195,8 @@ async def get_subscribers(request: web.Request) -> web.Response:
         offset = max(int(q.get("offset", "0")), 0)
     except ValueError:
         raise ApiError(400, "limit and offset must be integers") from None
+    if limit < 1:
+        raise ApiError(400, "limit must be at least 1")
     status = q.get("sync_status")
     if status is not None and status not in ("pending", "synced", "error"):
         raise ApiError(400, "sync_status must be pending, synced or error")

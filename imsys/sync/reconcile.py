@@ -276,10 +276,20 @@ async def router_facts(deps: Deps, router: Any) -> None:
         log.info("router_online", router_id=router["id"])
 
 
+FACTS_AT_ONCE = 20
+
+
 async def all_router_facts(deps: Deps) -> None:
     routers = await deps.db.fetch(repo.ROUTER.replace("WHERE id = $1", ""))
-    # Each router on its own: a silent one costs its own timeout, not the others'.
-    await asyncio.gather(*(router_facts(deps, r) for r in routers))
+    # Each router on its own: a silent one costs its own timeout, not the others'; a
+    # bound keeps a network of hundreds of routers from opening hundreds of sockets.
+    gate = asyncio.Semaphore(FACTS_AT_ONCE)
+
+    async def one(router: Any) -> None:
+        async with gate:
+            await router_facts(deps, router)
+
+    await asyncio.gather(*(one(r) for r in routers))
 
 
 async def enqueue_reconciliation(deps: Deps) -> int:

@@ -319,12 +319,19 @@ async def create_subscriber(
         return await get_subscriber(conn, sub_id)
 
 
+# Fields a subscriber cannot be without: a PATCH may null expires_at, phone, email only.
+NOT_NULL_ON_PATCH = ("router_id", "package_id", "username", "password", "service", "is_suspended")
+
+
 async def update_subscriber(
     db: asyncpg.Pool, subscriber_id: int, patch: SubscriberPatch, correlation_id: str
 ) -> dict[str, Any]:
     changes = patch.model_dump(exclude_unset=True)
     if not changes:
         raise Invalid("nothing to change: give at least one field")
+    nulls = [k for k in NOT_NULL_ON_PATCH if k in changes and changes[k] is None]
+    if nulls:
+        raise Invalid(f"{', '.join(nulls)}: cannot be null (only expires_at, phone, email can)")
     async with db.acquire() as conn, conn.transaction():
         current = await conn.fetchrow(
             "SELECT * FROM subscribers WHERE id = $1 FOR UPDATE", subscriber_id

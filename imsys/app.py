@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from imsys.db import connect_pool
 from imsys.deps import Deps
+from imsys.events.publisher import EventPublisher
 from imsys.http import api_sync
 from imsys.http.server import build_app, check_listen_safety
 from imsys.outbox import OutboxRelay
@@ -42,6 +43,10 @@ def make_redis(settings: Settings) -> Redis:
 def register_domains(deps: Deps) -> None:
     """Each domain registers its handlers and timers with the engine."""
     sync_domain.register(deps)
+
+
+def make_events(settings: Settings, redis: Redis, engine: Engine) -> EventPublisher:
+    return EventPublisher(redis, engine.keys, retention_hours=settings.events.backend_events_hours)
 
 
 def make_circuit(settings: Settings, redis: Redis) -> RouterCircuit:
@@ -81,6 +86,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             http=http,
             routers=routers,
             circuit=make_circuit(settings, redis),
+            events=make_events(settings, redis, engine),
         )
         register_domains(deps)
 

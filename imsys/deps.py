@@ -8,6 +8,7 @@ import aiohttp
 import asyncpg
 from redis.asyncio import Redis
 
+from imsys.events.publisher import EventPublisher
 from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.streams.engine import Engine
@@ -23,3 +24,4 @@ class Deps:
     http: aiohttp.ClientSession
     routers: RouterPool
     circuit: RouterCircuit
+    events: EventPublisher

@@ -143,6 +143,15 @@ class SyncSettings(BaseModel):
     outbox_poll_s: float = Field(default=1.0, gt=0)
 
 
+class EventsSettings(BaseModel):
+    """Backend events and the events stream's own jobs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Entries on <prefix>:backend-events older than this are trimmed.
+    backend_events_hours: float = Field(default=24.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="IMSYS_",
@@ -156,6 +165,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     engine: EngineSettings = EngineSettings()
     sync: SyncSettings = SyncSettings()
+    events: EventsSettings = EventsSettings()
     bouncer: BouncerConfig = BouncerConfig()
     sms: SmsConfig = SmsConfig()
     whatsapp: WhatsAppConfig = WhatsAppConfig()

@@ -16,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from imsys.app import make_circuit, register_domains
+from imsys.app import make_circuit, make_events, register_domains
 from imsys.deps import Deps
 from imsys.outbox import OutboxRelay
 from imsys.routeros import RouterPool
@@ -139,6 +139,7 @@ async def make_stack(
         http=http,
         routers=pool,
         circuit=make_circuit(settings, redis),
+        events=make_events(settings, redis, engine),
     )
     register_domains(deps)
     await engine.prepare()

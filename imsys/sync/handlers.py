@@ -80,13 +80,23 @@ async def router_session(deps: Deps, router: Any) -> AsyncIterator[RouterSession
             yield ros
     except RouterUnavailable as exc:
         cooldown = await deps.circuit.failure(router_id)
-        if await repo.set_router_online(deps.db, router_id, False, str(exc)):
-            log.warning("router_offline", router_id=router_id, error=str(exc))
+        await router_went_offline(deps, router_id, str(exc))
         raise Deferred(f"{exc}; waiting {cooldown:.0f}s for the router", delay=cooldown) from exc
-    if await deps.circuit.success(router_id):
-        log.info("router_back", router_id=router_id)
+    await deps.circuit.success(router_id)
     if router["online"] is not True:
-        await repo.set_router_online(deps.db, router_id, True)
+        await router_came_online(deps, router_id)
+
+
+async def router_went_offline(deps: Deps, router_id: int, error: str) -> None:
+    if await repo.set_router_online(deps.db, router_id, False, error):
+        log.warning("router_offline", router_id=router_id, error=error)
+        await deps.events.publish("router_offline", {"router_id": router_id, "error": error})
+
+
+async def router_came_online(deps: Deps, router_id: int) -> None:
+    if await repo.set_router_online(deps.db, router_id, True):
+        log.info("router_online", router_id=router_id)
+        await deps.events.publish("router_online", {"router_id": router_id})
 
 
 async def read_managed(
@@ -209,6 +219,15 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
         raise
     except (PermanentError, RetryableError) as exc:
         await repo.mark_error(deps.db, sub, str(exc))
+        await deps.events.publish(
+            "subscriber_sync_failed",
+            {
+                "subscriber_id": sub.id,
+                "router_id": sub.router_id,
+                "error": str(exc),
+                "attempt": job.attempt,
+            },
+        )
         raise
     if not await repo.mark_synced(deps.db, sub, kicked=kicked):
         # The desired state changed while we worked: go again with the new one.
@@ -249,7 +268,7 @@ async def reboot_router(deps: Deps, job: Job[RouterJob]) -> None:
         await audit.run("/system/reboot", {}, ros.reboot())
     # Its jobs wait while it boots instead of failing against it.
     await deps.circuit.failure(router["id"])
-    await repo.set_router_online(deps.db, router["id"], False, "rebooting")
+    await router_went_offline(deps, router["id"], "rebooting")
     log.info("router_rebooted", router_id=router["id"])
 
 

@@ -29,7 +29,14 @@ from imsys.sync.desired import (
     parse_marker,
     plan,
 )
-from imsys.sync.handlers import Auditor, RouterJob, router_session, router_target
+from imsys.sync.handlers import (
+    Auditor,
+    RouterJob,
+    router_came_online,
+    router_session,
+    router_target,
+    router_went_offline,
+)
 from imsys.sync.service import sync_job_id
 
 log = structlog.get_logger("imsys.sync")
@@ -257,13 +264,14 @@ async def router_facts(deps: Deps, router: Any) -> None:
             hs = await ros.active_hotspot(None)
     except RouterError as exc:
         await deps.circuit.failure(router["id"])
-        if await repo.set_router_online(deps.db, router["id"], False, str(exc)):
-            log.warning("router_offline", router_id=router["id"], error=str(exc))
+        await router_went_offline(deps, router["id"], str(exc))
         return
     sessions = [("pppoe", a.get("name", ""), a.get("address"), a.get("uptime")) for a in ppp]
     sessions += [("hotspot", a.get("user", ""), a.get("address"), a.get("uptime")) for a in hs]
     cpu = res.get("cpu-load")
-    was_online = router["online"]
+    if router["online"] is not True:
+        await router_came_online(deps, router["id"])
+    await deps.circuit.success(router["id"])
     await repo.record_router_facts(
         deps.db,
         router["id"],
@@ -272,8 +280,6 @@ async def router_facts(deps: Deps, router: Any) -> None:
         cpu_load=int(cpu) if cpu and cpu.isdigit() else None,
         sessions=sessions,
     )
-    if await deps.circuit.success(router["id"]) or was_online is not True:
-        log.info("router_online", router_id=router["id"])
 
 
 FACTS_AT_ONCE = 20

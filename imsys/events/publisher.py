@@ -1,0 +1,56 @@
+"""Events imsys publishes for the main backend on ``<prefix>:backend-events``.
+
+Each entry carries ``type``, a JSON ``payload`` and ``ts`` (epoch ms). The stream is
+trimmed by age (default 24 h), never by count, so it cannot grow without bound; the
+backend reads it with a consumer group of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+
+from imsys.logging import redact_text
+from imsys.streams.backoff import REDIS_DOWN
+from imsys.streams.keys import Keys
+
+log = structlog.get_logger("imsys.events")
+
+EventType = Literal[
+    "otp_sent",
+    "otp_failed",
+    "notification_sent",
+    "notification_failed",
+    "service_status",
+    "subscriber_synced",
+    "subscriber_sync_failed",
+    "router_online",
+    "router_offline",
+]
+
+
+class EventPublisher:
+    def __init__(self, redis: Redis, keys: Keys, *, retention_hours: float = 24.0) -> None:
+        self.redis = redis
+        self.key = keys.backend_events
+        self.retention_ms = int(retention_hours * 3_600_000)
+
+    async def publish(self, type_: EventType, payload: Mapping[str, Any]) -> str | None:
+        """Add one event; a Redis outage loses the event (logged), never the job."""
+        now = int(time.time() * 1000)
+        try:
+            entry_id = await self.redis.xadd(
+                self.key,
+                {"type": type_, "payload": orjson.dumps(payload).decode(), "ts": str(now)},
+                minid=str(now - self.retention_ms),
+                approximate=True,
+            )
+        except REDIS_DOWN as exc:
+            log.warning("backend_event_lost", type=type_, error=redact_text(str(exc)))
+            return None
+        return str(entry_id)

@@ -102,6 +102,24 @@ CREATE TABLE IF NOT EXISTS invoices (
     UNIQUE (subscriber_id, period)
 );
 
+-- A tenant's own message templates, over the defaults in the configuration.
+CREATE TABLE IF NOT EXISTS message_templates (
+    tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    template        text NOT NULL,
+    body            text NOT NULL CHECK (length(body) BETWEEN 1 AND 1000),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, template)
+);
+
+-- One row per tenant and period once its bills exist (the timer skips those).
+CREATE TABLE IF NOT EXISTS billing_runs (
+    tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    period          text NOT NULL,
+    invoices        integer NOT NULL,
+    completed_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, period)
+);
+
 CREATE TABLE IF NOT EXISTS payments (
     id              bigserial PRIMARY KEY,
     tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,

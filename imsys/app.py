@@ -12,10 +12,11 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
+from imsys.billing import domain as billing_domain
 from imsys.db import connect_pool
 from imsys.deps import Deps
 from imsys.events.publisher import EventPublisher
-from imsys.http import api_sync
+from imsys.http import api_billing, api_sync
 from imsys.http.server import build_app, check_listen_safety
 from imsys.outbox import OutboxRelay
 from imsys.routeros import RouterPool
@@ -43,6 +44,7 @@ def make_redis(settings: Settings) -> Redis:
 def register_domains(deps: Deps) -> None:
     """Each domain registers its handlers and timers with the engine."""
     sync_domain.register(deps)
+    billing_domain.register(deps)
 
 
 def make_events(settings: Settings, redis: Redis, engine: Engine) -> EventPublisher:
@@ -97,6 +99,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         if settings.http.enabled:
             app = build_app(engine, redis, db, settings.http.token.get_secret_value())
             api_sync.add_routes(app, deps)
+            api_billing.add_routes(app)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)

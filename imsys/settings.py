@@ -143,6 +143,38 @@ class SyncSettings(BaseModel):
     outbox_poll_s: float = Field(default=1.0, gt=0)
 
 
+def _default_templates() -> dict[str, str]:
+    return {
+        "invoice": "Hi {name}, your {package} bill for {period} is {amount}, due {due_date}.",
+        "reminder": "Hi {name}, your {package} service expires on {expires_at} "
+        "(in {days} day(s)). Pay to stay connected.",
+        "payment_ack": "Thank you {name}: payment {reference} of {amount} received. "
+        "Service active until {expires_at}.",
+    }
+
+
+class BillingSettings(BaseModel):
+    """Bills, reminders, payments and the notifications they send."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # How often the bills timer looks for tenants whose new period has opened.
+    bills_every_s: float = Field(default=3600.0, gt=0)
+    # How often the reminder timer looks for subscribers nearing expiry.
+    reminders_every_s: float = Field(default=300.0, gt=0)
+    # Reminders go this many days before expiry, one per lead time.
+    lead_times_days: list[int] = Field(default_factory=lambda: [3, 1])
+    # Messages per second per channel, across every process.
+    send_rate_per_s: dict[str, float] = Field(
+        default_factory=lambda: {"sms": 10.0, "whatsapp": 10.0, "email": 10.0}
+    )
+    # Default message templates (a tenant may set its own through the API). Variables:
+    # {name} {package} {period} {amount} {due_date} {expires_at} {days} {reference}.
+    templates: dict[str, str] = Field(default_factory=_default_templates)
+    # Channel for a subscriber with a phone number ("sms" or "whatsapp"); e-mail otherwise.
+    phone_channel: Literal["sms", "whatsapp"] = "sms"
+
+
 class EventsSettings(BaseModel):
     """Backend events and the events stream's own jobs."""
 
@@ -166,6 +198,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     sync: SyncSettings = SyncSettings()
     events: EventsSettings = EventsSettings()
+    billing: BillingSettings = BillingSettings()
     bouncer: BouncerConfig = BouncerConfig()
     sms: SmsConfig = SmsConfig()
     whatsapp: WhatsAppConfig = WhatsAppConfig()

@@ -24,7 +24,7 @@ from imsys.streams.consumer import StreamConsumer
 from imsys.streams.deadletters import DeadLetters
 from imsys.streams.job import Registry
 from imsys.streams.keys import GROUP, Keys
-from imsys.streams.limits import KeyLimiter
+from imsys.streams.limits import KeyLimiter, RateLimiter
 from imsys.streams.metrics import EngineMetrics, StreamFigures, stream_figures
 from imsys.streams.producer import Producer
 from imsys.streams.scripts import Scripts
@@ -67,6 +67,7 @@ class Engine:
             lease_s=settings.engine.limit_lease_s,
             wait_s=settings.engine.limit_wait_s,
         )
+        self.rates = RateLimiter(self.keys, self.scripts)
         self.timer_runner = TimerRunner(redis, self.keys)
         self.consumers = {
             s: StreamConsumer(

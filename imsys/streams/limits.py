@@ -68,3 +68,31 @@ class KeyLimiter:
             pipe.zadd(self.keys.limit(key), {token: expires}, xx=True)
             pipe.pexpire(self.keys.limit(key), self.lease_ms)
         await pipe.execute()
+
+
+class RateLimiter:
+    """A steady rate per key (e.g. 10 SMS a second) shared by every process."""
+
+    def __init__(self, keys: Keys, scripts: Scripts) -> None:
+        self.keys = keys
+        self.scripts = scripts
+
+    async def reserve(self, key: str, per_second: float, *, max_wait: float) -> float:
+        """Seconds to wait before going ahead (a slot is reserved), or raise Deferred
+        when the next free slot is further off than ``max_wait``."""
+        step_ms = max(1, int(1000 / per_second))
+        wait = int(
+            await self.scripts.rate(
+                keys=[self.keys.limit(f"rate:{key}")],
+                args=[int(time.time() * 1000), step_ms, int(max_wait * 1000)],
+            )
+        )
+        if wait < 0:
+            raise Deferred(f"send rate {per_second}/s for {key} is taken", delay=-wait / 1000)
+        return wait / 1000
+
+    async def acquire(self, key: str, per_second: float, *, max_wait: float = 2.0) -> None:
+        """Wait for this caller's turn at the shared rate."""
+        delay = await self.reserve(key, per_second, max_wait=max_wait)
+        if delay > 0:
+            await asyncio.sleep(delay)

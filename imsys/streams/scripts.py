@@ -296,6 +296,20 @@ end
 return n
 """
 
+# A shared send rate (GCRA): reserve the next slot of a steady rate, or say how long
+# until one would be free when that is too far off.
+# KEYS: tat key; ARGV: now_ms, interval_ms, max_wait_ms
+# Returns the wait in ms (>= 0, slot reserved) or minus the wait (nothing reserved).
+RATE = """
+local now, step, maxw = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local wait = tat - now
+if wait > maxw then return -wait end
+redis.call('SET', KEYS[1], tat + step, 'PX', math.ceil(tat + step - now) + 1000)
+return wait
+"""
+
 # Per-key concurrency slot with a lease (a dead holder's slot frees itself).
 # KEYS: limit zset; ARGV: now_ms, lease_ms, limit, token
 ACQUIRE = """
@@ -326,6 +340,7 @@ class Scripts:
         self.acquire: AsyncScript = redis.register_script(ACQUIRE)
         self.bulk_enqueue: AsyncScript = redis.register_script(BULK_ENQUEUE)
         self.release: AsyncScript = redis.register_script(RELEASE)
+        self.rate: AsyncScript = redis.register_script(RATE)
 
 
 def as_str_list(value: Any) -> list[str]:

@@ -1,0 +1,214 @@
+"""Billing SQL: set-based bills and reminders, exactly-once payments, the notification ledger.
+
+Every statement that creates something the customer would see twice (an invoice, a
+message) relies on a unique key, so a re-run creates nothing new.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+if TYPE_CHECKING:
+    from imsys.db import Conn, Executor
+
+# A template rendered in SQL: the same variables as the Python renderer.
+RENDER = """
+replace(replace(replace(replace(replace(replace(replace(
+    {tpl}, '{{name}}', {name}), '{{package}}', {package}), '{{period}}', {period}),
+    '{{amount}}', {amount}), '{{due_date}}', {due_date}), '{{expires_at}}', {expires_at}),
+    '{{days}}', {days})
+"""
+
+
+def _tpl(name: str, default_param: str) -> str:
+    """The tenant's template, else the configured default."""
+    return (
+        f"COALESCE((SELECT body FROM message_templates mt WHERE mt.tenant_id = s.tenant_id "
+        f"AND mt.template = '{name}'), {default_param})"
+    )
+
+
+def _channel(phone_channel_param: str) -> str:
+    return f"CASE WHEN s.phone IS NOT NULL THEN {phone_channel_param} ELSE 'email' END"
+
+
+GENERATE_BILLS = f"""
+WITH billable AS (
+    SELECT s.id, s.tenant_id, s.package_id, s.username, s.phone, s.email, s.expires_at,
+           p.price, p.name AS package
+    FROM subscribers s JOIN packages p ON p.id = s.package_id
+    WHERE s.tenant_id = $1 AND s.deleted_at IS NULL
+      -- Billable this period: the paid-up time runs out before the period ends.
+      AND (s.expires_at IS NULL OR s.expires_at < $4)
+), inv AS (
+    INSERT INTO invoices (tenant_id, subscriber_id, package_id, period, amount, due_at)
+    SELECT tenant_id, id, package_id, $2, price, COALESCE(expires_at, $3) FROM billable
+    ON CONFLICT (subscriber_id, period) DO NOTHING
+    RETURNING id, subscriber_id, amount, due_at
+), note AS (
+    INSERT INTO notifications (tenant_id, subscriber_id, channel, recipient, template, body,
+                               dedupe_key)
+    SELECT s.tenant_id, s.id, {_channel("$6")}, COALESCE(s.phone, s.email), 'invoice',
+           {
+    RENDER.format(
+        tpl=_tpl("invoice", "$5"),
+        name="s.username",
+        package="s.package",
+        period="$2",
+        amount="inv.amount::text",
+        due_date="to_char(inv.due_at AT TIME ZONE $7, 'YYYY-MM-DD')",
+        expires_at="''",
+        days="''",
+    )
+},
+           'invoice:' || inv.id
+    FROM inv JOIN billable s ON s.id = inv.subscriber_id
+    WHERE COALESCE(s.phone, s.email) IS NOT NULL
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING id
+), queued AS (
+    INSERT INTO outbox (stream, type, payload)
+    SELECT 'billing', 'send_notification', jsonb_build_object('notification_id', id) FROM note
+    RETURNING 1
+), run AS (
+    INSERT INTO billing_runs (tenant_id, period, invoices)
+    VALUES ($1, $2, (SELECT count(*) FROM inv))
+    ON CONFLICT (tenant_id, period) DO UPDATE
+        SET invoices = billing_runs.invoices + EXCLUDED.invoices, completed_at = now()
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inv) AS invoices, (SELECT count(*) FROM note) AS messages,
+       (SELECT count(*) FROM queued) AS queued, (SELECT count(*) FROM run) AS runs
+"""
+
+# One reminder per subscriber, expiry and lead time: the smallest lead time now due.
+REMINDERS = f"""
+WITH due AS (
+    SELECT s.id, s.tenant_id, s.username, s.phone, s.email, s.expires_at, s.package_id,
+           lt.days, t.time_zone,
+           row_number() OVER (PARTITION BY s.id ORDER BY lt.days) AS rn
+    FROM subscribers s
+    JOIN tenants t ON t.id = s.tenant_id
+    CROSS JOIN unnest($1::int[]) AS lt(days)
+    WHERE s.deleted_at IS NULL AND NOT s.is_suspended
+      AND s.expires_at > now() AND s.expires_at <= now() + make_interval(days => lt.days)
+      AND COALESCE(s.phone, s.email) IS NOT NULL
+), note AS (
+    INSERT INTO notifications (tenant_id, subscriber_id, channel, recipient, template, body,
+                               dedupe_key)
+    SELECT s.tenant_id, s.id, {_channel("$3")}, COALESCE(s.phone, s.email), 'reminder',
+           {
+    RENDER.format(
+        tpl=_tpl("reminder", "$2"),
+        name="s.username",
+        package="p.name",
+        period="''",
+        amount="p.price::text",
+        due_date="''",
+        expires_at="to_char(s.expires_at AT TIME ZONE s.time_zone, 'YYYY-MM-DD HH24:MI')",
+        days="s.days::text",
+    )
+},
+           'reminder:' || s.id || ':' || extract(epoch FROM s.expires_at)::bigint || ':' || s.days
+    FROM due s JOIN packages p ON p.id = s.package_id
+    WHERE s.rn = 1
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING id
+), queued AS (
+    INSERT INTO outbox (stream, type, payload)
+    SELECT 'billing', 'send_notification', jsonb_build_object('notification_id', id) FROM note
+    RETURNING 1
+)
+SELECT count(*) FROM queued
+"""
+
+
+async def generate_bills(
+    conn: Conn,
+    *,
+    tenant_id: int,
+    period: str,
+    period_start: datetime,
+    period_end: datetime,
+    template: str,
+    phone_channel: str,
+    time_zone: str,
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        GENERATE_BILLS,
+        tenant_id,
+        period,
+        period_start,
+        period_end,
+        template,
+        phone_channel,
+        time_zone,
+    )
+    assert row is not None
+    return row
+
+
+async def queue_reminders(
+    db: Executor, *, lead_times: list[int], template: str, phone_channel: str
+) -> int:
+    return int(await db.fetchval(REMINDERS, lead_times, template, phone_channel))
+
+
+async def tenants_due_for_bills(db: Executor, periods: dict[int, str]) -> list[int]:
+    """Tenants whose current period has no completed billing run yet."""
+    if not periods:
+        return []
+    rows = await db.fetch(
+        """
+        SELECT p.tenant_id FROM unnest($1::bigint[], $2::text[]) AS p(tenant_id, period)
+        WHERE NOT EXISTS (SELECT 1 FROM billing_runs r
+                          WHERE r.tenant_id = p.tenant_id AND r.period = p.period)
+        """,
+        list(periods),
+        list(periods.values()),
+    )
+    return [r["tenant_id"] for r in rows]
+
+
+async def notification(db: Executor, notification_id: int) -> asyncpg.Record | None:
+    return await db.fetchrow(
+        """
+        SELECT n.*, t.name AS tenant_name FROM notifications n
+        LEFT JOIN tenants t ON t.id = n.tenant_id WHERE n.id = $1
+        """,
+        notification_id,
+    )
+
+
+async def mark_sent(db: Executor, notification_id: int, provider_id: str) -> None:
+    await db.execute(
+        """
+        UPDATE notifications SET status = 'sent', provider_message_id = $2, sent_at = now(),
+            attempts = attempts + 1, error = NULL
+        WHERE id = $1
+        """,
+        notification_id,
+        provider_id,
+    )
+
+
+async def mark_attempt_failed(
+    db: Executor, notification_id: int, error: str, *, final: bool
+) -> None:
+    await db.execute(
+        """
+        UPDATE notifications SET attempts = attempts + 1, error = $2,
+            status = CASE WHEN $3 THEN 'failed' ELSE status END
+        WHERE id = $1 AND status = 'queued'
+        """,
+        notification_id,
+        error[:1000],
+        final,
+    )
+
+
+def as_dict(row: asyncpg.Record | None) -> dict[str, Any] | None:
+    return None if row is None else dict(row)

@@ -1,11 +1,13 @@
 # make run   — install, start local Redis/PostgreSQL if needed, migrate, run the service
-# make test  — the same set-up, then the whole test suite
+#              in demo mode (simulated routers, demo tenant; dashboard on 127.0.0.1:8080)
+# make test  — the same set-up (plus Debian's chromium for the browser test), then the
+#              whole test suite
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := check
-.PHONY: check install services migrate run test lint bench bench-peers clean
+.PHONY: check install services browser migrate run test lint bench bench-peers clean
 
 check: lint test
 
@@ -20,13 +22,18 @@ install: $(VENV)/.installed
 services:
 	bash scripts/services.sh
 
+browser:
+	bash scripts/browser.sh
+
 migrate: install services
 	$(PY) -m imsys migrate
 
+# The demo: in-process simulators and a demo tenant (IMSYS_DEMO__ENABLED=false for none).
+IMSYS_DEMO__ENABLED ?= true
 run: migrate
-	$(PY) -m imsys run
+	IMSYS_DEMO__ENABLED=$(IMSYS_DEMO__ENABLED) $(PY) -m imsys run
 
-test: install services
+test: install services browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 from contextlib import AsyncExitStack
 
@@ -13,10 +14,13 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from imsys.billing import domain as billing_domain
+from imsys.bouncer import domain as bouncer_domain
 from imsys.db import connect_pool
+from imsys.demo import Demo
 from imsys.deps import Deps
+from imsys.events import domain as events_domain
 from imsys.events.publisher import EventPublisher
-from imsys.http import api_billing, api_sync
+from imsys.http import api_billing, api_bouncer, api_sync, dashboard
 from imsys.http.server import build_app, check_listen_safety
 from imsys.outbox import OutboxRelay
 from imsys.routeros import RouterPool
@@ -25,6 +29,7 @@ from imsys.streams.engine import Engine
 from imsys.streams.job import Registry
 from imsys.sync import domain as sync_domain
 from imsys.sync.circuit import RouterCircuit
+from imsys.systemd import Notifier
 
 log = structlog.get_logger("imsys.app")
 
@@ -44,7 +49,9 @@ def make_redis(settings: Settings) -> Redis:
 def register_domains(deps: Deps) -> None:
     """Each domain registers its handlers and timers with the engine."""
     sync_domain.register(deps)
+    events_domain.register(deps)
     billing_domain.register(deps)
+    bouncer_domain.register(deps)
 
 
 def make_events(settings: Settings, redis: Redis, engine: Engine) -> EventPublisher:
@@ -66,6 +73,9 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     """Run the service until SIGTERM/SIGINT; drain; return (exit 0)."""
     check_listen_safety(settings.http)
     async with AsyncExitStack() as stack:
+        # Demo mode: simulators first, and settings pointed at them before anything uses them.
+        demo = await Demo.open(settings, stack) if settings.demo.enabled else None
+        settings = demo.settings if demo is not None else settings
         redis = make_redis(settings)
         stack.push_async_callback(redis.aclose)
         db = await connect_pool(
@@ -91,6 +101,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             events=make_events(settings, redis, engine),
         )
         register_domains(deps)
+        if demo is not None:
+            demo.launch(deps, stack)
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,6 +111,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         if settings.http.enabled:
             app = build_app(engine, redis, db, settings.http.token.get_secret_value())
             api_sync.add_routes(app, deps)
+            api_bouncer.add_routes(app, deps)
+            dashboard.add_routes(app, demo)
             api_billing.add_routes(app)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
@@ -112,6 +126,12 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         relay = OutboxRelay(db, engine.producer, poll_s=settings.sync.outbox_poll_s)
         relay_task = asyncio.create_task(relay.run(engine.stopping))
         run = asyncio.create_task(engine.run())
+        # systemd (Type=notify): READY=1, watchdog pings, STOPPING=1; a no-op elsewhere.
+        notifier = Notifier.from_environ(os.environ)
+        notify = asyncio.create_task(
+            notifier.run(engine.ready, engine.stopping, f"running as {engine.consumer}")
+        )
+        stack.callback(notify.cancel)
         if ready is not None:
             await asyncio.wait(
                 [asyncio.create_task(engine.ready.wait()), run], return_when=asyncio.FIRST_COMPLETED

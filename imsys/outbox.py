@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("imsys.outbox")
 
 CHANNEL = "imsys_outbox"
-BATCH = 500
+BATCH = 2000
 RUNNING_RETRY = "1 second"
 
 
@@ -91,19 +91,26 @@ class OutboxRelay:
                 return 0
             done: list[int] = []
             later: list[int] = []
+            # Rows without a job_id (a billing run's thousands of messages) go out in bulk.
+            bulk: dict[tuple[str, str], list[asyncpg.Record]] = {}
             published: dict[tuple[str, str], bool] = {}  # (stream, job_id) → running
             for row in rows:
                 jid = row["job_id"]
-                if jid is not None and (row["stream"], jid) in published:
+                if jid is None:
+                    bulk.setdefault((row["stream"], row["type"]), []).append(row)
+                    continue
+                if (row["stream"], jid) in published:
                     # Coalesced with an earlier row of this pass.
                     (later if published[(row["stream"], jid)] else done).append(row["id"])
                     continue
                 result = await self.producer.enqueue(
                     row["stream"], row["type"], row["payload"], job_id=jid
                 )
-                if jid is not None:
-                    published[(row["stream"], jid)] = result.running
+                published[(row["stream"], jid)] = result.running
                 (later if result.running else done).append(row["id"])
+            for (stream, type_), group in bulk.items():
+                await self.producer.enqueue_many(stream, type_, (r["payload"] for r in group))
+                done += [r["id"] for r in group]
             if done:
                 await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
             if later:

@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import os
 import random
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from imsys.errors import ConfigError
 from imsys.providers.config import BouncerConfig, SmsConfig, SmtpConfig, WhatsAppConfig
 
 STREAMS = ("sync", "billing", "events", "bouncer")
+# What the OTP texts may use (see EventsSettings).
+OTP_PLACEHOLDERS = frozenset({"user_name", "otp", "minutes"})
 
 
 class RedisSettings(BaseModel):
@@ -182,6 +193,103 @@ class EventsSettings(BaseModel):
 
     # Entries on <prefix>:backend-events older than this are trimmed.
     backend_events_hours: float = Field(default=24.0, gt=0)
+    # The one-time password text (WhatsApp text message, e-mail body) and e-mail subject;
+    # placeholders {user_name} {otp} {minutes} (left until the code expires).
+    otp_message: str = (
+        "Hi {user_name}, your verification code is {otp}. It expires in {minutes} minute(s)."
+    )
+    email_subject: str = "Your verification code"
+    # An approved WhatsApp template to send instead of a text message ("" = text), its
+    # language and its body variables in order (same placeholders as otp_message).
+    whatsapp_template: str = ""
+    whatsapp_language: str = "en"
+    whatsapp_template_params: list[str] = Field(default_factory=lambda: ["{user_name}", "{otp}"])
+    # Also put the code in the copy-code button (Meta's authentication templates need it).
+    whatsapp_copy_code: bool = False
+    # While a channel is stopped (service_control), its jobs come back this often.
+    channel_hold_s: float = Field(default=1.5, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _otp_templates(self) -> EventsSettings:
+        # A typo in a placeholder would fail every OTP at send time: catch it at start-up.
+        texts = {
+            "otp_message": self.otp_message,
+            "email_subject": self.email_subject,
+            **{
+                f"whatsapp_template_params.{i}": p
+                for i, p in enumerate(self.whatsapp_template_params)
+            },
+        }
+        used: dict[str, set[str]] = {}
+        for key, text in texts.items():
+            try:
+                used[key] = {n for _, n, _, _ in string.Formatter().parse(text) if n is not None}
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+            if unknown := used[key] - OTP_PLACEHOLDERS:
+                raise ValueError(f"{key}: unknown placeholder(s) {sorted(unknown)}")
+        if "otp" not in used["otp_message"]:
+            raise ValueError("otp_message must contain {otp}")
+        in_params = any("otp" in v for k, v in used.items() if k.startswith("whatsapp_"))
+        if self.whatsapp_template and not (self.whatsapp_copy_code or in_params):
+            raise ValueError("whatsapp_template_params must pass {otp} (or set whatsapp_copy_code)")
+        return self
+
+
+class DemoSettings(BaseModel):
+    """Demo mode (``make run``): simulators in-process and a demo tenant that syncs to them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    # Simulated routers, and subscribers spread over them.
+    routers: int = Field(default=2, ge=1, le=10)
+    subscribers: int = Field(default=200, ge=0, le=5000)
+    # Demo subscribers are created at this pace (per second; 0: all at once).
+    create_per_s: float = Field(default=25.0, ge=0)
+    # This many subscribers expire a few minutes after start (the sweep suspends them).
+    expiring: int = Field(default=5, ge=0)
+    # A random subscriber changes package or suspension this often (seconds; 0: never).
+    churn_every_s: float = Field(default=3.0, ge=0)
+    # Router facts are read this often in demo mode, so an outage shows within seconds.
+    facts_every_s: float = Field(default=5.0, gt=0)
+    # Longest pause for a router that stays down, in demo mode (heals quickly after).
+    circuit_max_s: float = Field(default=10.0, gt=0)
+
+
+class BouncerBatchingSettings(BaseModel):
+    """Bouncer greedy batching (imsys/bouncer): batch size, capacity, cadence, rate limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Bouncer batches outstanding (creating or processing) at once, per check type.
+    capacity: int = Field(default=15, ge=1, le=1000)
+    # E-mails per Bouncer batch (Bouncer takes at most 100,000).
+    batch_size: int = Field(default=10_000, ge=1, le=100_000)
+    create_every_s: float = Field(default=5.0, gt=0)
+    status_every_s: float = Field(default=30.0, gt=0)
+    # Bouncer's limit on calls per minute, across every process: status checks and
+    # downloads may use all of it; batch creation stops at rate_limit_stop, which keeps
+    # room for the calls that finish work.
+    rate_limit_per_min: int = Field(default=200, ge=1)
+    rate_limit_stop: int = Field(default=180, ge=1)
+    # Bouncer's separate limit on batch creations per minute.
+    create_limit_per_min: int = Field(default=60, ge=1)
+    # A create still 'creating' after this long was cut short (process died, answer
+    # lost): its e-mails go back to pending. Must exceed bouncer.timeout.
+    creating_timeout_s: float = Field(default=300.0, gt=0)
+    # A Bouncer batch not completed after this long is marked failed (with an alert).
+    batch_timeout_s: float = Field(default=86_400.0, gt=0)
+    # Downloads of a completed batch tried this many times before it is marked failed.
+    max_download_attempts: int = Field(default=5, ge=1)
+    # Most e-mails one user batch may hold.
+    max_user_batch: int = Field(default=1_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _stop_below_limit(self) -> BouncerBatchingSettings:
+        if self.rate_limit_stop > self.rate_limit_per_min:
+            raise ValueError("rate_limit_stop must not exceed rate_limit_per_min")
+        return self
 
 
 class Settings(BaseSettings):
@@ -200,9 +308,11 @@ class Settings(BaseSettings):
     events: EventsSettings = EventsSettings()
     billing: BillingSettings = BillingSettings()
     bouncer: BouncerConfig = BouncerConfig()
+    bouncer_batching: BouncerBatchingSettings = BouncerBatchingSettings()
     sms: SmsConfig = SmsConfig()
     whatsapp: WhatsAppConfig = WhatsAppConfig()
     smtp: SmtpConfig = SmtpConfig()
+    demo: DemoSettings = DemoSettings()
     streams: dict[str, StreamPolicy] = Field(default_factory=_default_streams)
 
     @field_validator("streams", mode="before")

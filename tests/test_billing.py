@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -274,3 +273,30 @@ async def test_reminders_once_per_lead_time_and_caught_up_after_downtime(
     texts = [m.body for m in billing.gateway.messages("sms")]
     assert len(texts) == 2
     assert any("in 1 day(s)" in t for t in texts)
+
+
+async def test_stopped_channel_holds_notifications_until_started(billing: BillingStack) -> None:
+    """While SMS is stopped (service_control), messages wait without spending attempts."""
+    from imsys.events.channels import ChannelControl
+
+    channels = ChannelControl.from_deps(billing.stack.deps)
+    await customers(billing, 2)
+    await billing.settle()
+    await channels.stop("sms", "test")
+    period = current_period("UTC")
+    s = billing.stack
+    await s.engine.producer.enqueue(
+        "billing", "generate_bills", {"tenant_id": s.tenant_id, "period": period}
+    )
+    for _ in range(3):
+        await s.relay.relay_once()
+        await s.engine.consumers["billing"].process_once(block_ms=5)
+        await s.engine.promote_once()
+    assert billing.gateway.messages("sms") == []
+    queued = await s.db.fetch(
+        "SELECT status, attempts FROM notifications WHERE tenant_id = $1", s.tenant_id
+    )
+    assert [(r["status"], r["attempts"]) for r in queued] == [("queued", 0), ("queued", 0)]
+    await channels.start("sms", "test")
+    await billing.settle()
+    assert len(billing.gateway.messages("sms")) == 2

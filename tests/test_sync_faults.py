@@ -37,6 +37,8 @@ def hand_edit(stack: Stack, verb: str, **args: str) -> None:
 async def run_engine_until(stack: Stack, check, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
     """Run the real engine (readers, promoter, recovery) and relay until ``check`` holds."""
     engine = stack.engine
+    # Timers work on the whole (shared) test database; these tests are about the jobs.
+    engine.timers.clear()
     runner = asyncio.create_task(engine.run())
     relay = asyncio.create_task(stack.relay.run(engine.stopping))
     try:

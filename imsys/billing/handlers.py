@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from imsys.billing import payments, repo
 from imsys.deps import Deps
 from imsys.errors import PermanentError, RetryableError
+from imsys.events.channels import ChannelControl
 from imsys.providers.email import SmtpClient
 from imsys.providers.sms import SmsClient
 from imsys.providers.whatsapp import WhatsAppClient
@@ -58,6 +59,10 @@ async def generate_bills(deps: Deps, job: Job[GenerateBills]) -> None:
         raise PermanentError(f"tenant {p.tenant_id} does not exist")
     start, end = period_bounds(p.period, tenant["time_zone"])
     cfg = deps.settings.billing
+    template = await deps.db.fetchval(
+        "SELECT body FROM message_templates WHERE tenant_id = $1 AND template = 'invoice'",
+        p.tenant_id,
+    )
     await job.progress(0, None, f"billing {p.period}")
     started = time.perf_counter()
     # One set-based statement: invoices, their messages and outbox rows commit together,
@@ -69,7 +74,7 @@ async def generate_bills(deps: Deps, job: Job[GenerateBills]) -> None:
             period=p.period,
             period_start=start,
             period_end=end,
-            template=cfg.templates["invoice"],
+            template=template or cfg.templates["invoice"],
             phone_channel=cfg.phone_channel,
             time_zone=tenant["time_zone"],
         )
@@ -111,6 +116,7 @@ class Notifier:
         self.sms = SmsClient(deps.http, deps.settings.sms)
         self.whatsapp = WhatsAppClient(deps.http, deps.settings.whatsapp)
         self.smtp = SmtpClient(deps.settings.smtp)
+        self.channels = ChannelControl.from_deps(deps)
 
     async def deliver(self, note: Any) -> str:
         channel, to, body = note["channel"], note["recipient"], note["body"]
@@ -178,10 +184,8 @@ class Notifier:
         )
 
     async def _channel_running(self, channel: str) -> None:
-        """Stopped channels hold their messages (service_control)."""
-        control = getattr(self.deps, "channels", None)
-        if control is not None:
-            await control.ensure_running(channel)
+        """Stopped channels hold their messages (service_control): Deferred, no attempt."""
+        await self.channels.ensure_running(channel)
 
 
 def _mask(recipient: str) -> str:

@@ -54,9 +54,9 @@ WITH billable AS (
     SELECT s.tenant_id, s.id, {_channel("$6")}, COALESCE(s.phone, s.email), 'invoice',
            {
     RENDER.format(
-        tpl=_tpl("invoice", "$5"),
+        tpl="$5",
         name="s.username",
-        package="s.package",
+        package="p.name",
         period="$2",
         amount="inv.amount::text",
         due_date="to_char(inv.due_at AT TIME ZONE $7, 'YYYY-MM-DD')",
@@ -65,7 +65,9 @@ WITH billable AS (
     )
 },
            'invoice:' || inv.id
-    FROM inv JOIN billable s ON s.id = inv.subscriber_id
+    -- Joined through primary keys, not CTE to CTE: right after a bulk import the planner
+    -- has no statistics yet, and a nested loop of two CTE scans is quadratic.
+    FROM inv JOIN subscribers s ON s.id = inv.subscriber_id JOIN packages p ON p.id = s.package_id
     WHERE COALESCE(s.phone, s.email) IS NOT NULL
     ON CONFLICT (dedupe_key) DO NOTHING
     RETURNING id

@@ -48,7 +48,9 @@ class EventPublisher:
                 self.key,
                 {"type": type_, "payload": orjson.dumps(payload).decode(), "ts": str(now)},
                 minid=str(now - self.retention_ms),
-                approximate=True,
+                # Exact: "~" only drops whole radix-tree nodes (~100 entries), so a quiet
+                # stream would keep day-old events forever. Cutting the head is cheap.
+                approximate=False,
             )
         except REDIS_DOWN as exc:
             log.warning("backend_event_lost", type=type_, error=redact_text(str(exc)))

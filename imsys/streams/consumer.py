@@ -186,8 +186,11 @@ class StreamConsumer:
                 return
             if dropped:
                 self.log.info("duplicates_dropped", count=len(dropped))
+        buffered = {eid for eid, _ in self._buffer} if recovered else set()
         for entry in entries:
-            if entry[0] in dropped:
+            # Recovery can hand back an entry this process still runs (its claim went idle
+            # while the loop was stalled): one run of it is enough.
+            if entry[0] in dropped or entry[0] in self.running or entry[0] in buffered:
                 continue
             if len(self.running) < self.policy.concurrency:
                 self._start(*entry)
@@ -232,7 +235,8 @@ class StreamConsumer:
                 self._unflushed.add(entry_id)
                 self._ack_ready.set()
         finally:
-            del self.running[entry_id]
+            if self.running.get(entry_id) is asyncio.current_task():
+                del self.running[entry_id]
             if self._buffer and not self._stopping:
                 self._start(*self._buffer.popleft())
             self._slot_free.set()

@@ -232,11 +232,16 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
     if not await repo.mark_synced(deps.db, sub, kicked=kicked):
         # The desired state changed while we worked: go again with the new one.
         raise Deferred(f"subscriber {sub.id} changed during its sync", delay=0.05)
+    changed = [d["action"] for d in steps.describe()]
+    await deps.events.publish(
+        "subscriber_synced",
+        {"subscriber_id": sub.id, "router_id": sub.router_id, "changed": changed, "kicked": kicked},
+    )
     log.info(
         "subscriber_synced",
         subscriber_id=sub.id,
         router_id=sub.router_id,
-        changed=[d["action"] for d in steps.describe()],
+        changed=changed,
         kicked=kicked,
     )
 

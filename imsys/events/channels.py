@@ -1,0 +1,141 @@
+"""Delivery channels an operator can stop and start (``service_control`` jobs).
+
+The state lives in Redis, one hash per channel at ``<prefix>:service:<channel>`` with
+``state`` (``running`` | ``stopped``), ``since`` (epoch ms) and ``by``, so every process
+sees a change at once and a restarted process keeps it. A channel with no hash has never
+been stopped: it is running.
+
+Jobs that send through a channel call `ChannelControl.ensure_running` first; while the
+channel is stopped it raises `Deferred`, so the job waits in the delayed store without
+failing or spending an attempt, and goes out within ``hold_s`` of ``start``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
+
+from redis.asyncio import Redis
+
+from imsys.errors import Deferred
+from imsys.streams.backoff import REDIS_DOWN
+from imsys.streams.keys import Keys
+
+if TYPE_CHECKING:
+    from imsys.deps import Deps
+
+__all__ = ["CHANNELS", "Channel", "ChannelControl", "ServiceState", "State"]
+
+Channel = Literal["sms", "whatsapp", "email"]
+State = Literal["running", "stopped"]
+CHANNELS: Final[tuple[str, ...]] = get_args(Channel)
+
+# KEYS: the channel's hash. ARGV: state, since, by.
+# Writes only on a change, so "since" stays the moment the state began, however many
+# times an operator repeats the same command. Returns state, since, by, changed.
+_SET = """
+local cur = redis.call('HMGET', KEYS[1], 'state', 'since', 'by')
+if (cur[1] or 'running') == ARGV[1] then
+  return {ARGV[1], cur[2] or '', cur[3] or '', 0}
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'since', ARGV[2], 'by', ARGV[3])
+return {ARGV[1], ARGV[2], ARGV[3], 1}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceState:
+    """The truth about one channel, as Redis holds it."""
+
+    service: str
+    state: State
+    # Epoch ms the state began, and who set it; None for a channel never stopped.
+    since: int | None
+    by: str | None
+    changed: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ChannelControl:
+    """Start, stop and ask about a channel; hold jobs while their channel is stopped.
+
+    Cheap to build (no I/O): ``ChannelControl.from_deps(deps)`` wherever it is needed.
+    """
+
+    def __init__(self, redis: Redis, keys: Keys, *, hold_s: float = 1.5) -> None:
+        self.redis = redis
+        self.prefix = keys.prefix
+        self.hold_s = hold_s
+        self._set = redis.register_script(_SET)
+
+    @classmethod
+    def from_deps(cls, deps: Deps) -> ChannelControl:
+        return cls(deps.redis, deps.engine.keys, hold_s=deps.settings.events.channel_hold_s)
+
+    def key(self, channel: str) -> str:
+        return f"{self.prefix}:service:{channel}"
+
+    async def ensure_running(self, channel: str) -> None:
+        """Return if ``channel`` may send; raise `Deferred` (no attempt spent) if stopped."""
+        try:
+            state = await self.redis.hget(self.key(channel), "state")
+        except REDIS_DOWN:
+            # Not the job's fault: wait without spending an attempt.
+            raise Deferred(f"state of channel {channel} unreadable", delay=self._hold()) from None
+        if state == "stopped":
+            raise Deferred(f"channel {channel} is stopped (service_control)", delay=self._hold())
+
+    def _hold(self) -> float:
+        # Spread so a held backlog does not come back in one lump every hold_s.
+        return self.hold_s * random.uniform(0.8, 1.2)
+
+    async def status(self, channel: str) -> ServiceState:
+        raw = await self.redis.hmget(self.key(channel), ["state", "since", "by"])
+        state, since, by = (_text(x) for x in raw)
+        return ServiceState(
+            service=channel,
+            state="stopped" if state == "stopped" else "running",
+            since=int(since) if since else None,
+            by=by or None,
+        )
+
+    async def statuses(self) -> list[ServiceState]:
+        return [await self.status(c) for c in CHANNELS]
+
+    async def start(self, channel: str, by: str) -> ServiceState:
+        return await self._change(channel, "running", by)
+
+    async def stop(self, channel: str, by: str) -> ServiceState:
+        return await self._change(channel, "stopped", by)
+
+    async def restart(self, channel: str, by: str) -> ServiceState:
+        """Stop, then start: the channel ends up running, ``since`` now."""
+        await self.stop(channel, by)
+        return await self.start(channel, by)
+
+    async def _change(self, channel: str, state: State, by: str) -> ServiceState:
+        now = int(time.time() * 1000)
+        raw = await self._set(keys=[self.key(channel)], args=[state, now, by])
+        new_state, since, who, changed = (_text(x) for x in raw)
+        return ServiceState(
+            service=channel,
+            state="stopped" if new_state == "stopped" else "running",
+            since=int(since) if since else None,
+            by=who or None,
+            changed=changed == "1",
+        )
+
+
+def _text(value: object) -> str:
+    """A reply value as text, whether or not the client decodes responses."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,58 @@
+"""``service_control`` jobs: start, stop, restart or ask about a delivery channel.
+
+Each one answers with a ``service_status`` backend event carrying the state Redis holds
+afterwards (the truth every process acts on), so the backend needs no reply channel.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import structlog
+from pydantic import BaseModel, Field
+
+from imsys.deps import Deps
+from imsys.errors import RetryableError
+from imsys.events.channels import Channel, ChannelControl, ServiceState
+from imsys.streams.backoff import REDIS_DOWN
+from imsys.streams.job import Job
+
+log = structlog.get_logger("imsys.events")
+
+
+class ServiceControl(BaseModel):
+    """``{"action", "service"}`` (DESIGN.md); ``requested_by`` optionally names the operator."""
+
+    action: Literal["start", "stop", "restart", "status"]
+    service: Channel
+    requested_by: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+async def service_control(deps: Deps, channels: ChannelControl, job: Job[ServiceControl]) -> None:
+    p = job.payload
+    by = p.requested_by or f"service_control job {job.job_id or job.id}"
+    try:
+        state = await _apply(channels, p, by)
+    except REDIS_DOWN as exc:
+        raise RetryableError(f"Redis unavailable for service {p.service}: {exc}") from exc
+    await deps.events.publish(
+        "service_status", {**state.as_dict(), "action": p.action, "job_id": job.job_id}
+    )
+    log.info(
+        "service_control",
+        action=p.action,
+        service=p.service,
+        state=state.state,
+        changed=state.changed,
+        by=by,
+    )
+
+
+async def _apply(channels: ChannelControl, p: ServiceControl, by: str) -> ServiceState:
+    if p.action == "status":
+        return await channels.status(p.service)
+    if p.action == "restart":
+        return await channels.restart(p.service, by)
+    if p.action == "stop":
+        return await channels.stop(p.service, by)
+    return await channels.start(p.service, by)

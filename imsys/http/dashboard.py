@@ -1,0 +1,75 @@
+"""The dashboard: ``GET /`` and ``/static/...``, plus the demo panel's ``/api/demo`` calls.
+
+The page itself is public and holds no data; its script reads everything from ``/api``
+with the bearer token the operator types in (kept in the tab's sessionStorage).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from imsys.http.json import ApiError, json_response, read_json
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+# The page loads only its own script and stylesheet and talks only to this server.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+class DemoControl(Protocol):
+    """What the demo panel needs from the running demo (see `imsys.demo.Demo`)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def set_outage(self, index: int, down: bool | None) -> dict[str, Any]: ...
+
+
+DEMO: web.AppKey[DemoControl | None] = web.AppKey("demo")
+
+
+async def index(_request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+
+async def demo_status(request: web.Request) -> web.Response:
+    demo = request.app[DEMO]
+    return json_response(demo.status() if demo is not None else {"enabled": False})
+
+
+async def demo_outage(request: web.Request) -> web.Response:
+    """Take simulated router ``i`` offline (``{"down": true}``), bring it back
+    (``{"down": false}``), or toggle it (no body)."""
+    demo = request.app[DEMO]
+    if demo is None:
+        raise ApiError(404, "demo mode is off")
+    down: bool | None = None
+    if request.can_read_body:
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("down", False), bool):
+            raise ApiError(400, 'body must be {"down": true|false}')
+        down = body.get("down")
+    index_ = int(request.match_info["index"])
+    try:
+        return json_response(await demo.set_outage(index_, down))
+    except IndexError:
+        raise ApiError(404, f"demo router {index_} not found") from None
+
+
+def add_routes(app: web.Application, demo: DemoControl | None = None) -> None:
+    app[DEMO] = demo
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC, name="static")
+    app.router.add_get("/api/demo", demo_status)
+    app.router.add_post(r"/api/demo/routers/{index:\d{1,3}}/outage", demo_outage)

@@ -1,0 +1,474 @@
+// imsys dashboard: plain JavaScript, no build step, no dependencies.
+// Every value from the server reaches the page through textContent or an attribute,
+// never as HTML.
+"use strict";
+
+(() => {
+  const REFRESH_MS = 2500;
+  const TOKEN_KEY = "imsys.token";
+  const STREAMS = ["sync", "billing", "events", "bouncer"];
+
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    token: null,
+    timer: null,
+    busy: false,
+    prev: null, // {t, processed: {stream: n}} of the previous queues read
+    rates: {},
+    routers: new Map(), // id -> name
+    subs: { q: "", status: "", offset: 0, limit: 50, total: 0 },
+    rendered: {}, // table id -> key of what it shows (skip identical re-renders)
+  };
+
+  // --- DOM helpers ---------------------------------------------------------------------
+
+  function el(tag, props, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = String(value);
+      else if (key.startsWith("data-") || key === "title" || key === "type") {
+        node.setAttribute(key, String(value));
+      } else if (key === "style") node.style.cssText = value;
+      else node[key] = value;
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  const td = (text, cls, title) => el("td", { class: cls, text: text ?? "", title });
+  const badge = (text, kind) => el("span", { class: `pill state-${kind}`, text });
+
+  function fill(tableId, key, rows) {
+    // Re-render only when the data changed, so a row's button is not replaced under the
+    // operator's pointer between two refreshes.
+    if (state.rendered[tableId] === key) return;
+    state.rendered[tableId] = key;
+    $(tableId).tBodies[0].replaceChildren(...rows);
+    const empty = document.querySelector(`[data-empty="${tableId}"]`);
+    if (empty) empty.hidden = rows.length > 0;
+  }
+
+  function showError(name, message) {
+    const node = document.querySelector(`[data-error="${name}"]`);
+    if (node) node.textContent = message || "";
+  }
+
+  let toastTimer = null;
+  function toast(message) {
+    const node = $("toast");
+    node.textContent = message;
+    node.classList.add("show");
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => node.classList.remove("show"), 2500);
+  }
+
+  // --- formatting ----------------------------------------------------------------------
+
+  function duration(seconds) {
+    if (seconds === null || seconds === undefined || Number.isNaN(seconds)) return "–";
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 60) return `${s}s`;
+    if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+    if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+    return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+  }
+
+  function when(value) {
+    // ISO text or epoch milliseconds -> "12s ago" / "in 3m 4s".
+    if (value === null || value === undefined || value === "") return "–";
+    const ms = typeof value === "number" || /^\d+$/.test(value) ? Number(value) : Date.parse(value);
+    if (Number.isNaN(ms)) return String(value);
+    const delta = (Date.now() - ms) / 1000;
+    return delta >= 0 ? `${duration(delta)} ago` : `in ${duration(-delta)}`;
+  }
+
+  const absolute = (value) => {
+    const ms = /^\d+$/.test(String(value)) ? Number(value) : Date.parse(value);
+    return Number.isNaN(ms) ? "" : new Date(ms).toISOString();
+  };
+
+  const count = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en"));
+
+  // --- API -----------------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  async function api(method, path, body) {
+    const headers = { Authorization: `Bearer ${state.token}` };
+    const init = { method, headers, cache: "no-store" };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const resp = await fetch(path, init);
+    let data = null;
+    try {
+      data = await resp.json();
+    } catch (_) {
+      data = null;
+    }
+    if (resp.status === 401) {
+      logout("The token was refused; sign in again.");
+      throw new ApiError(401, "unauthorised");
+    }
+    if (!resp.ok) {
+      const message = data && typeof data.error === "string" ? data.error : resp.statusText;
+      throw new ApiError(resp.status, `${resp.status}: ${message}`);
+    }
+    return data;
+  }
+
+  // --- sections ------------------------------------------------------------------------
+
+  async function health() {
+    const node = $("health");
+    try {
+      const resp = await fetch("/healthz", { cache: "no-store" });
+      const data = await resp.json();
+      const ok = resp.ok && data.ok;
+      node.className = `pill ${ok ? "pill-ok" : "pill-bad"}`;
+      node.textContent = ok
+        ? `healthy · engine ${data.engine}`
+        : `unhealthy · redis ${data.redis} · postgres ${data.postgres}`;
+    } catch (_) {
+      node.className = "pill pill-bad";
+      node.textContent = "admin server not answering";
+    }
+  }
+
+  async function queues() {
+    const data = await api("GET", "/api/queues");
+    const now = performance.now();
+    const processed = {};
+    for (const s of data.streams) processed[s.stream] = Number(s.processed);
+    if (state.prev) {
+      const seconds = (now - state.prev.t) / 1000;
+      for (const [stream, n] of Object.entries(processed)) {
+        const before = state.prev.processed[stream];
+        // A counter that went down was reset: no rate this round.
+        state.rates[stream] =
+          before === undefined || n < before || seconds <= 0 ? null : (n - before) / seconds;
+      }
+    }
+    state.prev = { t: now, processed };
+    const byName = new Map(data.streams.map((s) => [s.stream, s]));
+    const names = [...STREAMS, ...data.streams.map((s) => s.stream).filter((n) => !STREAMS.includes(n))];
+    const rows = names
+      .filter((name) => byName.has(name))
+      .map((name) => {
+        const s = byName.get(name);
+        const rate = state.rates[name];
+        const age = s.oldest_pending_age_s;
+        return el(
+          "tr",
+          { "data-stream": name },
+          td(name),
+          td(count(s.length), "num"),
+          td(count(s.pending), "num"),
+          td(count(s.lag), "num"),
+          td(count(s.delayed), "num"),
+          td(duration(age), age > 60 ? "num hot" : "num"),
+          td(rate === null || rate === undefined ? "–" : rate.toFixed(1), "num"),
+          td(count(s.processed), "num"),
+          td(count(s.retried), "num"),
+          td(count(s.dead), s.dead > 0 ? "num hot" : "num"),
+        );
+      });
+    // Rates change every round even when the figures do not: always re-render.
+    fill("streams", `${now}`, rows);
+    const procs = data.processes || [];
+    $("processes").textContent =
+      `${procs.length} live process${procs.length === 1 ? "" : "es"}` +
+      (procs.length ? `: ${procs.map((p) => p.consumer).join(", ")}` : "");
+    $("dead-count").textContent = data.dead_letters ? String(data.dead_letters) : "";
+  }
+
+  async function routers() {
+    const data = await api("GET", "/api/routers");
+    state.routers = new Map(data.routers.map((r) => [r.id, r.name]));
+    const rows = data.routers.map((r) => {
+      const online = r.online === true ? "online" : r.online === false ? "offline" : "unknown";
+      return el(
+        "tr",
+        { "data-router": r.id },
+        el("td", {}, r.name, el("div", { class: "muted small code", text: `${r.host}:${r.port}` })),
+        el("td", { title: r.last_error || null }, badge(online, online)),
+        td(r.version || "–"),
+        td(r.uptime || "–"),
+        td(when(r.last_seen_at), null, r.last_seen_at ? absolute(r.last_seen_at) : null),
+        el("td", {}, badge(r.circuit || "closed", r.circuit || "closed")),
+      );
+    });
+    fill("routers", JSON.stringify([data.routers, Math.floor(Date.now() / 5000)]), rows);
+  }
+
+  async function subscribers() {
+    const { q, status, offset, limit } = state.subs;
+    const params = new URLSearchParams({ limit: String(limit), offset: String(offset) });
+    if (q) params.set("q", q);
+    if (status) params.set("sync_status", status);
+    const data = await api("GET", `/api/subscribers?${params}`);
+    state.subs.total = data.total;
+    $("sub-total").textContent = count(data.total);
+    const last = Math.min(offset + data.subscribers.length, data.total);
+    $("sub-range").textContent = data.total ? `${offset + 1}–${last} of ${count(data.total)}` : "none";
+    $("sub-prev").disabled = offset === 0;
+    $("sub-next").disabled = offset + limit >= data.total;
+    const rows = data.subscribers.map((s) => {
+      const session = s.online === true ? (s.address ? `online ${s.address}` : "online") : s.online === false ? "offline" : "–";
+      return el(
+        "tr",
+        { "data-subscriber": s.id, "data-sync": s.sync_status },
+        td(s.id, "num"),
+        td(s.username + (s.is_suspended ? " (suspended)" : "")),
+        td(state.routers.get(s.router_id) || `#${s.router_id}`),
+        td(s.service),
+        el("td", {}, badge(s.sync_status, s.sync_status)),
+        td(s.sync_error || "", "wrap"),
+        td(session),
+        td(when(s.expires_at), null, s.expires_at ? absolute(s.expires_at) : null),
+        td(when(s.last_synced_at), null, s.last_synced_at ? absolute(s.last_synced_at) : null),
+        el("td", {}, el("button", { type: "button", class: "ghost", text: "Retry", "data-retry": s.id })),
+      );
+    });
+    fill("subscribers", JSON.stringify([data, Math.floor(Date.now() / 5000)]), rows);
+  }
+
+  async function deadLetters() {
+    const data = await api("GET", "/api/dead-letters?limit=50");
+    const rows = data.dead_letters.map((d) =>
+      el(
+        "tr",
+        { "data-dead": d.id },
+        td(when(d.failed_at), null, d.failed_at ? `${absolute(d.failed_at)} · ${d.id}` : d.id),
+        td(d.stream || "–"),
+        td(d.type || "–"),
+        td(d.error || "–", "wrap reason"),
+        td(d.attempt || "1", "num"),
+        td(d.payload || "", "code trunc", d.payload || null),
+        el(
+          "td",
+          {},
+          el("button", { type: "button", text: "Replay", "data-replay": d.id }),
+          el("button", { type: "button", class: "danger", text: "Drop", "data-drop": d.id }),
+        ),
+      ),
+    );
+    fill("dead-letters", JSON.stringify([data, Math.floor(Date.now() / 10000)]), rows);
+  }
+
+  async function batches() {
+    let data;
+    try {
+      data = await api("GET", "/api/bouncer/batches?limit=50");
+    } catch (err) {
+      // Older servers have no such endpoint yet: an empty table, not an error.
+      if (err.status === 404 || err.status === 405) data = { batches: [] };
+      else throw err;
+    }
+    const rows = (data.batches || []).map((b) => {
+      const total = Number(b.total) || 0;
+      const done = Number(b.processed) || 0;
+      const pct = total ? Math.min(100, Math.round((done * 100) / total)) : 0;
+      return el(
+        "tr",
+        { "data-batch": b.id },
+        td(b.id, "code"),
+        td(b.check_type),
+        el("td", {}, badge(b.status, b.status)),
+        el(
+          "td",
+          { title: `${pct}%` },
+          el("span", { class: "progress" }, el("span", { style: `width: ${pct}%` })),
+          `${count(done)} / ${count(total)}`,
+        ),
+        td(when(b.created_at), null, b.created_at ? absolute(b.created_at) : null),
+      );
+    });
+    fill("batches", JSON.stringify([data, Math.floor(Date.now() / 5000)]), rows);
+  }
+
+  async function demo() {
+    let data;
+    try {
+      data = await api("GET", "/api/demo");
+    } catch (err) {
+      if (err.status === 404) data = { enabled: false };
+      else throw err;
+    }
+    $("demo").hidden = !data.enabled;
+    if (!data.enabled) return;
+    const cards = data.routers.map((r) =>
+      el(
+        "div",
+        { class: "demo-router", "data-demo-router": r.index },
+        el("strong", { text: r.name }),
+        el("span", { class: "muted small", text: `127.0.0.1:${r.port}` }),
+        badge(r.down ? "down" : "up", r.down ? "down" : "up"),
+        el("button", {
+          type: "button",
+          class: r.down ? "" : "danger",
+          text: r.down ? "Bring back" : "Take offline",
+          "data-outage": r.index,
+          "data-down": r.down ? "false" : "true",
+        }),
+      ),
+    );
+    if (state.rendered.demoKey !== JSON.stringify(data.routers)) {
+      state.rendered.demoKey = JSON.stringify(data.routers);
+      $("demo-routers").replaceChildren(...cards);
+    }
+    $("demo-note").textContent = data.note || "";
+  }
+
+  // --- refresh loop --------------------------------------------------------------------
+
+  const SECTIONS = [
+    ["queues", queues],
+    ["routers", async () => { await routers(); await subscribers().catch((e) => fail("subscribers", e)); }],
+    ["dead", deadLetters],
+    ["batches", batches],
+    ["demo", demo],
+  ];
+
+  function fail(name, err) {
+    if (err && err.status === 401) return;
+    showError(name, err && err.message ? err.message : String(err));
+  }
+
+  async function refresh() {
+    if (state.busy || !state.token) return;
+    state.busy = true;
+    try {
+      await Promise.all([
+        health(),
+        ...SECTIONS.map(([name, fn]) =>
+          fn().then(() => showError(name, ""), (err) => fail(name, err)),
+        ),
+      ]);
+      $("updated").textContent = `updated ${new Date().toLocaleTimeString("en-GB")}`;
+      document.body.dataset.loaded = "true";
+    } finally {
+      state.busy = false;
+    }
+  }
+
+  function start() {
+    $("login").hidden = true;
+    $("app").hidden = false;
+    $("logout").hidden = false;
+    refresh();
+    clearInterval(state.timer);
+    state.timer = setInterval(refresh, REFRESH_MS);
+  }
+
+  function logout(message) {
+    state.token = null;
+    sessionStorage.removeItem(TOKEN_KEY);
+    clearInterval(state.timer);
+    state.rendered = {};
+    state.prev = null;
+    $("app").hidden = true;
+    $("logout").hidden = true;
+    $("login").hidden = false;
+    $("login-error").textContent = message || "";
+    $("token").value = "";
+    $("token").focus();
+  }
+
+  // --- actions -------------------------------------------------------------------------
+
+  async function act(button, work, done) {
+    button.disabled = true;
+    try {
+      await work();
+      toast(done);
+      state.rendered = {};
+      await refresh();
+    } catch (err) {
+      toast(err.message || String(err));
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  document.addEventListener("click", (event) => {
+    const button = event.target.closest("button");
+    if (!button) return;
+    const d = button.dataset;
+    if (d.replay) {
+      act(button, () => api("POST", `/api/dead-letters/${encodeURIComponent(d.replay)}/replay`),
+        `Dead letter ${d.replay} replayed`);
+    } else if (d.drop) {
+      if (!window.confirm(`Drop dead letter ${d.drop}? Its job is lost for good.`)) return;
+      act(button, () => api("DELETE", `/api/dead-letters/${encodeURIComponent(d.drop)}`),
+        `Dead letter ${d.drop} dropped`);
+    } else if (d.retry) {
+      act(button, () => api("POST", `/api/subscribers/${encodeURIComponent(d.retry)}/sync`),
+        `Sync of subscriber ${d.retry} queued`);
+    } else if (d.outage !== undefined) {
+      const down = d.down === "true";
+      act(button, () => api("POST", `/api/demo/routers/${encodeURIComponent(d.outage)}/outage`, { down }),
+        down ? "Router taken offline" : "Router back online");
+    }
+  });
+
+  $("logout").addEventListener("click", () => logout(""));
+
+  $("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = $("token").value.trim();
+    if (!token) return;
+    state.token = token;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    $("login-error").textContent = "";
+    start();
+  });
+
+  let searchTimer = null;
+  $("sub-search").addEventListener("input", (event) => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => {
+      state.subs.q = event.target.value.trim();
+      state.subs.offset = 0;
+      subscribers().then(() => showError("subscribers", ""), (err) => fail("subscribers", err));
+    }, 250);
+  });
+  $("sub-status").addEventListener("change", (event) => {
+    state.subs.status = event.target.value;
+    state.subs.offset = 0;
+    subscribers().then(() => showError("subscribers", ""), (err) => fail("subscribers", err));
+  });
+  $("sub-prev").addEventListener("click", () => {
+    state.subs.offset = Math.max(0, state.subs.offset - state.subs.limit);
+    subscribers().catch((err) => fail("subscribers", err));
+  });
+  $("sub-next").addEventListener("click", () => {
+    if (state.subs.offset + state.subs.limit < state.subs.total) state.subs.offset += state.subs.limit;
+    subscribers().catch((err) => fail("subscribers", err));
+  });
+
+  // --- start ---------------------------------------------------------------------------
+
+  // A link may carry the token in its fragment (#token=...): it never reaches a server
+  // log. Keep it for this tab and take it out of the address bar.
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (fragment.get("token")) {
+    sessionStorage.setItem(TOKEN_KEY, fragment.get("token"));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  state.token = sessionStorage.getItem(TOKEN_KEY);
+  health();
+  if (state.token) start();
+  else logout("");
+})();

@@ -25,6 +25,7 @@ import asyncpg
 import structlog
 from pydantic import SecretStr
 
+from imsys.bouncer import service as bouncer_service
 from imsys.deps import Deps
 from imsys.providers.config import SmsConfig, WhatsAppConfig
 from imsys.settings import Settings
@@ -234,6 +235,11 @@ class Demo:
             if deps.engine.stopping.is_set():
                 return
         await self._expire_soon(db, tenant_id, now)
+        try:
+            await self._user_batch(deps)
+        except Exception:
+            # The Bouncer panel is a nicety: the demo runs without it.
+            log.exception("demo_user_batch_failed")
         self.seeded = True
         log.info("demo_seeded", tenant_id=tenant_id, created=created, routers=self.router_ids)
 
@@ -285,6 +291,16 @@ class Demo:
             ),
         )
         return int(row["id"])
+
+    async def _user_batch(self, deps: Deps) -> None:
+        """One Bouncer user batch (the first run only), to watch on its way through the
+        Bouncer simulator."""
+        if await deps.db.fetchval("SELECT EXISTS (SELECT 1 FROM user_batches)"):
+            return
+        emails = [f"{username(n)}@example.net" for n in range(min(self.cfg.subscribers, 50))]
+        if emails:
+            data = bouncer_service.UserBatchIn(check_type="deliverable", emails=emails)
+            await bouncer_service.submit(deps.db, deps.settings.bouncer_batching, data)
 
     async def _expire_soon(self, db: asyncpg.Pool, tenant_id: int, now: datetime) -> None:
         """The first few subscribers expire 2, 3, 4 ... minutes from now (again each run)."""

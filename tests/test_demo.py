@@ -121,10 +121,10 @@ def demo_env(settings: Settings, database_url: str, port: int) -> dict[str, str]
 async def test_demo_syncs_survives_an_outage_and_restarts_idempotently(
     settings: Settings, isolated_database: str
 ) -> None:
-    """The demo creates its tenant, routers and subscribers, which sync to the simulated
-    routers; a router taken offline from the demo API goes offline, its jobs wait (no
-    error, no dead letter) and finish once it is back; a restart creates nothing twice
-    and reconciliation refills the fresh simulators."""
+    """The demo creates its tenant, routers, subscribers (which sync to the simulated
+    routers) and a Bouncer user batch; a router taken offline from the demo API goes
+    offline, its jobs wait (no error, no dead letter) and finish once it is back; a
+    restart creates nothing twice and reconciliation refills the fresh simulators."""
     port = free_port()
     env = demo_env(settings, isolated_database, port)
     svc = DemoService(env, port)
@@ -170,6 +170,8 @@ async def test_demo_syncs_survives_an_outage_and_restarts_idempotently(
         await svc_ready(again)
         tenants = (await again.get("/api/tenants"))["tenants"]
         assert [t["name"] for t in tenants] == ["Demo ISP"]
+        [batch] = (await again.get("/api/bouncer/batches"))["batches"]  # the first run's
+        assert batch["total"] == SUBSCRIBERS
         assert len(await again.routers()) == 2
         assert (await again.get("/api/subscribers?limit=1"))["total"] == SUBSCRIBERS
 

@@ -4,7 +4,6 @@ creator cycle, one status cycle, one download at a time."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -188,7 +187,3 @@ async def bouncer_stack(
         await http.close()
         await sim.stop()
         await clean(db)
-
-
-def since(started: float) -> float:
-    return time.perf_counter() - started

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pydantic
 import pytest
 from redis.asyncio import Redis
 
@@ -79,6 +80,19 @@ async def test_same_mailbox_in_two_batches_shares_one_global_row(bs: BouncerStac
     assert await bs.db.fetchval("SELECT count(*) FROM emails_global") == 2
     distinct = "SELECT count(DISTINCT email_global_id) FROM user_batch_emails"
     assert await bs.db.fetchval(distinct) == 2
+
+
+async def test_concurrent_submissions_of_the_same_new_mailboxes(bs: BouncerStack) -> None:
+    """Three user batches naming the same new mailboxes at once all succeed, and each
+    mailbox gets one emails_global row."""
+    emails = [f"n{i}@example.com" for i in range(2000)]
+    ids = await asyncio.gather(*(bs.submit(emails) for _ in range(3)))
+    assert len(set(ids)) == 3
+    assert await bs.db.fetchval("SELECT count(*) FROM emails_global") == 2000
+    for user_batch in ids:
+        assert await bs.db.fetchval(
+            "SELECT count(DISTINCT email_global_id) FROM user_batch_emails"
+            " WHERE user_batch_id = $1", user_batch) == 2000
 
 
 async def test_get_batch_shows_progress(bs: BouncerStack) -> None:
@@ -249,3 +263,10 @@ async def test_creating_timeout_must_exceed_the_call_timeout(bs: BouncerStack,
     engine = Engine(bs.deps.redis, settings, Registry(), consumer=f"{prefix}-cfg")
     with pytest.raises(ConfigError, match=r"creating_timeout_s must exceed bouncer\.timeout"):
         bouncer_domain.register(dataclasses.replace(bs.deps, settings=settings, engine=engine))
+
+
+def test_rate_limit_stop_may_not_exceed_the_limit() -> None:
+    """A creation stop above the provider's limit is a configuration error."""
+    with pytest.raises(pydantic.ValidationError, match="rate_limit_stop must not exceed"):
+        BouncerBatchingSettings(rate_limit_per_min=200, rate_limit_stop=201)
+    assert BouncerBatchingSettings().rate_limit_stop == 180

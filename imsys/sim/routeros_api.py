@@ -7,6 +7,7 @@ listening, refusing, going down — is `RouterOSSimulator`'s, in `routeros.py`.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import re
@@ -67,7 +68,7 @@ class Connection:
     closed: bool = False
 
 
-class ApiResponder:
+class ApiResponder(abc.ABC):
     def __init__(self, state: RouterState, username: str, password: str) -> None:
         self.state = state
         self.username = username
@@ -80,8 +81,9 @@ class ApiResponder:
         self._drop: DropRule | None = None
         self._fatal: str | None = None
 
+    @abc.abstractmethod
     def _reboot_now(self, downtime: float | None = None) -> None:
-        raise NotImplementedError
+        """Restart the router (the simulator drops its connections and renumbers ids)."""
 
     def respond(self, conn: Connection, words: list[str]) -> list[Sentence] | None:
         """The reply sentences, or None when the connection was closed instead."""

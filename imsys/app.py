@@ -9,6 +9,7 @@ import signal
 from contextlib import AsyncExitStack
 
 import aiohttp
+import asyncpg
 import structlog
 from aiohttp import web
 from redis.asyncio import Redis
@@ -54,6 +55,25 @@ def register_domains(deps: Deps) -> None:
     bouncer_domain.register(deps)
 
 
+def build_deps(
+    settings: Settings, redis: Redis, db: asyncpg.Pool, *, consumer: str | None = None
+) -> Deps:
+    """The dependencies with every domain registered; the caller closes http and routers."""
+    engine = Engine(redis, settings, Registry(), consumer=consumer)
+    deps = Deps(
+        settings=settings,
+        redis=redis,
+        db=db,
+        engine=engine,
+        http=aiohttp.ClientSession(),
+        routers=RouterPool(),
+        circuit=make_circuit(settings, redis),
+        events=make_events(settings, redis, engine),
+    )
+    register_domains(deps)
+    return deps
+
+
 def make_events(settings: Settings, redis: Redis, engine: Engine) -> EventPublisher:
     return EventPublisher(redis, engine.keys, retention_hours=settings.events.backend_events_hours)
 
@@ -84,23 +104,10 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             max_size=settings.database.pool_max,
         )
         stack.push_async_callback(db.close)
-        http = aiohttp.ClientSession()
-        stack.push_async_callback(http.close)
-        routers = RouterPool()
-        stack.push_async_callback(routers.close)
-        registry = Registry()
-        engine = Engine(redis, settings, registry)
-        deps = Deps(
-            settings=settings,
-            redis=redis,
-            db=db,
-            engine=engine,
-            http=http,
-            routers=routers,
-            circuit=make_circuit(settings, redis),
-            events=make_events(settings, redis, engine),
-        )
-        register_domains(deps)
+        deps = build_deps(settings, redis, db)
+        stack.push_async_callback(deps.http.close)
+        stack.push_async_callback(deps.routers.close)
+        engine = deps.engine
         if demo is not None:
             demo.launch(deps, stack)
 

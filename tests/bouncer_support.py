@@ -10,14 +10,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from imsys.app import make_circuit, make_events, register_domains
+from imsys.app import build_deps
 from imsys.bouncer import repo, service
 from imsys.bouncer.context import BouncerContext
 from imsys.bouncer.creator import CycleResult, create_batches
@@ -26,11 +25,9 @@ from imsys.deps import Deps
 from imsys.http import api_bouncer
 from imsys.http.server import build_app
 from imsys.providers.config import BouncerConfig
-from imsys.routeros import RouterPool
 from imsys.settings import BouncerBatchingSettings, Settings
 from imsys.sim.bouncer import BouncerSimulator
 from imsys.streams.engine import Engine
-from imsys.streams.job import Registry
 
 KEY = "bouncer-test-key-51c0"
 TOKEN = "test-token"
@@ -162,20 +159,8 @@ async def bouncer_stack(
     sim = BouncerSimulator(KEY, queue_seconds=3600.0)
     await sim.start()
     settings = bouncer_settings(settings, sim, **batching)
-    engine = Engine(redis, settings, Registry(), consumer=f"{settings.redis.prefix}-b")
-    http = aiohttp.ClientSession()
-    routers = RouterPool()
-    deps = Deps(
-        settings=settings,
-        redis=redis,
-        db=db,
-        engine=engine,
-        http=http,
-        routers=routers,
-        circuit=make_circuit(settings, redis),
-        events=make_events(settings, redis, engine),
-    )
-    register_domains(deps)
+    deps = build_deps(settings, redis, db, consumer=f"{settings.redis.prefix}-b")
+    engine, http, routers = deps.engine, deps.http, deps.routers
     await engine.prepare()
     app = build_app(engine, redis, db, TOKEN)
     api_bouncer.add_routes(app, deps)

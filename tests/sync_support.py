@@ -16,14 +16,13 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from imsys.app import make_circuit, make_events, register_domains
+from imsys.app import build_deps
 from imsys.deps import Deps
 from imsys.outbox import OutboxRelay
 from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.sim.routeros import RouterOSSimulator
 from imsys.streams.engine import Engine
-from imsys.streams.job import Registry
 from imsys.sync import service
 
 ROUTER_PASSWORD = "r0uter-pass"
@@ -128,20 +127,8 @@ async def make_stack(
             sim.add_item("/ip/hotspot/user/profile", name=profile)
         await sim.start()
         sims.append(sim)
-    engine = Engine(redis, settings, Registry(), consumer=f"{prefix}-c")
-    http = aiohttp.ClientSession()
-    pool = RouterPool()
-    deps = Deps(
-        settings=settings,
-        redis=redis,
-        db=db,
-        engine=engine,
-        http=http,
-        routers=pool,
-        circuit=make_circuit(settings, redis),
-        events=make_events(settings, redis, engine),
-    )
-    register_domains(deps)
+    deps = build_deps(settings, redis, db, consumer=f"{prefix}-c")
+    engine, http, pool = deps.engine, deps.http, deps.routers
     await engine.prepare()
     tenant = await service.create_tenant(db, service.TenantIn(name=f"tenant-{prefix}"))
     router_ids = []

@@ -133,9 +133,10 @@ async def test_demo_syncs_survives_an_outage_and_restarts_idempotently(
         demo = await svc.get("/api/demo")
         assert demo["enabled"] is True
         assert [r["down"] for r in demo["routers"]] == [False, False]
-        await svc.until("routers online", lambda: _all_online(svc), 10)
+        # A sync marks a router online at once; its version comes with the next facts pull.
+        await svc.until("routers online with their facts", lambda: _all_reported(svc), 20)
         routers = await svc.routers()
-        assert all(r["version"] for r in routers)
+        assert all(r["online"] is True and r["version"] for r in routers)
         soon = datetime.now(UTC) + timedelta(minutes=10)
         first = (await svc.get("/api/subscribers?q=demo0001"))["subscribers"][0]
         assert datetime.fromisoformat(first["expires_at"]) < soon  # one of the expiring few
@@ -202,6 +203,10 @@ async def _eq(value: Awaitable[int], expected: int) -> bool:
 
 async def _all_online(svc: DemoService) -> bool:
     return all(r["online"] is True for r in await svc.routers())
+
+
+async def _all_reported(svc: DemoService) -> bool:
+    return all(r["online"] is True and r["version"] for r in await svc.routers())
 
 
 async def test_demo_points_the_providers_at_its_simulators(settings: Settings) -> None:

@@ -69,8 +69,9 @@ class StreamPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     concurrency: int = Field(default=20, ge=1, le=10_000)
-    # Entries read ahead of free slots (None: a quarter of concurrency). They start the
-    # moment a slot frees; at shutdown, unstarted ones go straight back to the stream.
+    # Entries read ahead of free slots (None: half the concurrency, enough to cover the
+    # jobs that finish together while a read is in flight). They start the moment a slot
+    # frees; at shutdown, unstarted ones go straight back to the stream.
     prefetch: int | None = Field(default=None, ge=0, le=10_000)
     max_attempts: int = Field(default=3, ge=1)
     # Explicit schedule in seconds; the last step repeats. Empty: exponential from
@@ -83,7 +84,7 @@ class StreamPolicy(BaseModel):
 
     @property
     def read_ahead(self) -> int:
-        return (self.concurrency + 3) // 4 if self.prefetch is None else self.prefetch
+        return (self.concurrency + 1) // 2 if self.prefetch is None else self.prefetch
 
     def retry_delay(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt + 1``, after attempt ``attempt`` failed."""

@@ -69,6 +69,43 @@ async def test_success_acks_and_deletes_entry(redis: Redis, settings: Settings) 
     assert stats["processed"] == "5"
 
 
+async def test_acks_delete_finished_entries_and_keep_running_and_unread_ones(
+    redis: Redis, settings: Settings
+) -> None:
+    """Finished entries leave the stream whether they sit below the oldest running job
+    (trimmed together) or above it (deleted one by one); a running job's entry and the
+    unread ones stay, and a second group on the stream keeps the one-by-one path."""
+    release = asyncio.Event()
+
+    async def handle(job: Job[Item]) -> None:
+        if job.payload.n == 2:
+            await release.wait()
+
+    engine = make_engine(redis, settings, handle)
+    consumer = engine.consumers["billing"]
+    consumer.policy.concurrency, consumer.policy.prefetch = 4, 0
+    await engine.prepare()
+    key = engine.keys.stream("billing")
+    ids = [(await engine.producer.enqueue("billing", "item", {"n": n})).entry_id for n in range(6)]
+    await consumer.dispatch(await consumer.read(4, 10))  # 0..3 run; 4 and 5 stay unread
+    while len(consumer.running) > 1:
+        await asyncio.sleep(0.01)
+    await consumer.flush()
+    assert [eid for eid, _ in await redis.xrange(key)] == [ids[2], ids[4], ids[5]]
+
+    release.set()
+    while consumer.running:
+        await asyncio.sleep(0.01)
+    await consumer.flush()
+    assert [eid for eid, _ in await redis.xrange(key)] == [ids[4], ids[5]]
+
+    await redis.xgroup_create(key, "audit", id="0")
+    assert await consumer.process_once(block_ms=10) == 2
+    assert await redis.xlen(key) == 0
+    stats = await redis.hgetall(engine.keys.stats("billing"))
+    assert stats["processed"] == "6"
+
+
 async def test_retry_schedule_and_attempt_counting(redis: Redis, settings: Settings) -> None:
     """A retryable failure goes to the delayed store with attempt+1, then dead after the last."""
     attempts: list[int] = []
@@ -511,6 +548,81 @@ async def test_heartbeat_keeps_a_long_job_from_being_claimed(
     await consumer.flush()
     assert runs == 1
     assert await redis.xlen(engine.keys.stream("billing")) == 0
+
+
+async def test_heartbeat_keeps_read_ahead_entries_and_drops_ones_taken_over(
+    redis: Redis, settings: Settings
+) -> None:
+    """Read-ahead entries waiting behind a long job keep their claim; one that another
+    process took anyway (this one stalled) leaves the buffer and runs only there."""
+    ran: list[int] = []
+    release = asyncio.Event()
+
+    async def handle(job: Job[Item]) -> None:
+        ran.append(job.payload.n)
+        if job.payload.n == 1:
+            await release.wait()
+
+    engine = make_engine(redis, settings, handle)
+    other = make_engine(redis, settings, handle)
+    for c in other.consumers.values():
+        c.consumer = "other"
+    consumer = engine.consumers["billing"]
+    consumer.policy.concurrency, consumer.policy.prefetch = 1, 2
+    await engine.prepare()
+    for n in (1, 2, 3):
+        await engine.producer.enqueue("billing", "item", {"n": n})
+    await consumer.dispatch(await consumer.read(3, 10))
+    assert [f["payload"] for _, f in consumer._buffer] == ['{"n":2}', '{"n":3}']
+
+    deadline = time.monotonic() + settings.engine.claim_idle_s * 2.5
+    while time.monotonic() < deadline:
+        assert await consumer.heartbeat_once() == []
+        assert await other.recover_once() == 0  # neither the running nor the buffered
+        await asyncio.sleep(settings.engine.heartbeat_s)
+
+    # A stall past claim_idle: the other process claims the last read-ahead entry.
+    key = engine.keys.stream("billing")
+    third = consumer._buffer[-1][0]
+    await redis.xclaim(key, GROUP, "other", 0, [third], justid=True)
+    assert await consumer.heartbeat_once() == []  # no running job was lost
+    assert [f["payload"] for _, f in consumer._buffer] == ['{"n":2}']
+
+    release.set()
+    while consumer.running:
+        await asyncio.sleep(0.01)
+    await consumer.flush()
+    assert ran == [1, 2]  # 3 is the other process's now
+    pending = await redis.xpending_range(key, GROUP, min="-", max="+", count=10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [(third, "other")]
+
+
+async def test_a_freed_slot_takes_the_next_read_ahead_entry_in_order(
+    redis: Redis, settings: Settings
+) -> None:
+    """With one slot and read-ahead, jobs run one at a time, in stream order, and every
+    one is acknowledged; the slot goes straight on to the next buffered entry."""
+    running = 0
+    seen: list[tuple[int, int]] = []
+
+    async def handle(job: Job[Item]) -> None:
+        nonlocal running
+        running += 1
+        seen.append((job.payload.n, running))
+        await asyncio.sleep(0.005)
+        running -= 1
+
+    engine = make_engine(redis, settings, handle)
+    consumer = engine.consumers["billing"]
+    consumer.policy.concurrency, consumer.policy.prefetch = 1, 5
+    await engine.prepare()
+    for n in range(6):
+        await engine.producer.enqueue("billing", "item", {"n": n})
+    assert await consumer.process_once(count=6, block_ms=10) == 6
+    assert seen == [(n, 1) for n in range(6)]
+    assert await redis.xlen(engine.keys.stream("billing")) == 0
+    assert consumer.running == {}
+    assert not consumer._buffer
 
 
 async def test_progress_is_published_while_running(redis: Redis, settings: Settings) -> None:

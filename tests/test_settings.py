@@ -261,10 +261,10 @@ def test_config_error_does_not_echo_the_value(tmp_path: Path) -> None:
 # --- retry schedule --------------------------------------------------------------------------
 
 
-def test_read_ahead_defaults_to_a_quarter_of_concurrency() -> None:
-    """prefetch unset reads ahead concurrency/4 (rounded up); set, it is taken as given."""
-    assert StreamPolicy(concurrency=50).read_ahead == 13
-    assert StreamPolicy(concurrency=4).read_ahead == 1
+def test_read_ahead_defaults_to_half_the_concurrency() -> None:
+    """prefetch unset reads ahead concurrency/2 (rounded up); set, it is taken as given."""
+    assert StreamPolicy(concurrency=50).read_ahead == 25
+    assert StreamPolicy(concurrency=5).read_ahead == 3
     assert StreamPolicy(concurrency=50, prefetch=0).read_ahead == 0
 
 

@@ -201,11 +201,33 @@ class StreamConsumer:
                 self._buffer.append(entry)
 
     def _start(self, entry_id: str, fields: dict[str, str]) -> None:
-        self.running[entry_id] = asyncio.get_running_loop().create_task(self._run(entry_id, fields))
+        task = asyncio.get_running_loop().create_task(self._work(entry_id, fields))
+        self.running[entry_id] = task
+
+    async def _work(self, entry_id: str, fields: dict[str, str]) -> None:
+        """Run a job, then the read-ahead entries while any wait, in this one task.
+
+        A slot that frees takes the next entry in the same step: no new task and no loop
+        turn between two jobs, which is most of what a slot would otherwise sit idle.
+        """
+        task = self.running[entry_id]
+        while True:
+            try:
+                await self._run(entry_id, fields, task)
+            except Exception as exc:
+                # A settling step failed in a way no retry covers: the entry stays pending
+                # and recovery hands it out again; this slot goes on with the next one.
+                self.log.exception("job_settle_failed", entry_id=entry_id, error=_error_text(exc))
+            if not self._buffer or self._stopping:
+                self._slot_free.set()
+                return
+            entry_id, fields = self._buffer.popleft()
+            self.running[entry_id] = task
+            self._slot_free.set()
 
     # --- one job -----------------------------------------------------------------------
 
-    async def _run(self, entry_id: str, fields: dict[str, str]) -> None:
+    async def _run(self, entry_id: str, fields: dict[str, str], task: asyncio.Task[None]) -> None:
         started = time.perf_counter()
         type_ = fields.get("type", "")
         try:
@@ -233,16 +255,12 @@ class StreamConsumer:
                     await self._settle(self._retry(job, exc, started, delay=delay))
             else:
                 elapsed = time.perf_counter() - started
-                self.metrics.observe(self.stream, type_, elapsed)
                 self._done.append(_Done(entry_id, type_, job.job_id or "", elapsed))
                 self._unflushed.add(entry_id)
                 self._ack_ready.set()
         finally:
-            if self.running.get(entry_id) is asyncio.current_task():
+            if self.running.get(entry_id) is task:
                 del self.running[entry_id]
-            if self._buffer and not self._stopping:
-                self._start(*self._buffer.popleft())
-            self._slot_free.set()
             if entry_id in self._with_progress:
                 self._with_progress.discard(entry_id)
                 await self._settle(self._clear_progress(entry_id))
@@ -446,6 +464,8 @@ class StreamConsumer:
                 return
             for d in batch:
                 self._unflushed.discard(d.entry_id)
+                # Observed here, off the path from one job to the next.
+                self.metrics.observe(self.stream, d.type, d.seconds)
             self.metrics.processed.labels(self.stream).inc(len(batch))
 
     async def _ack(self, batch: list[_Done]) -> int:
@@ -508,8 +528,12 @@ class StreamConsumer:
         return claimed
 
     async def heartbeat_once(self) -> list[str]:
-        """Keep our running jobs' claims fresh; return the ids another process took."""
-        ids = [*self.running, *self._unflushed]
+        """Keep the claims of our running and read-ahead entries fresh.
+
+        Returns the running ids another process took. A read-ahead entry another process
+        took (this one stalled past ``claim_idle_s``) is dropped here: it runs there.
+        """
+        ids = [*self.running, *self._unflushed, *(eid for eid, _ in self._buffer)]
         lost: list[str] = []
         for i in range(0, len(ids), 500):
             lost += as_str_list(
@@ -517,6 +541,13 @@ class StreamConsumer:
                     keys=[self.key], args=[GROUP, self.consumer, *ids[i : i + 500]]
                 )
             )
+        gone = set(lost)
+        if self._buffer and gone:
+            kept = deque(e for e in self._buffer if e[0] not in gone)
+            if len(kept) < len(self._buffer):
+                self.log.warning("read_ahead_taken_over", count=len(self._buffer) - len(kept))
+                self._buffer = kept
+                self._slot_free.set()
         lost = [eid for eid in lost if eid in self.running]
         if lost:
             self.log.warning("job_claim_lost", entry_ids=lost[:20], count=len(lost))

@@ -35,13 +35,50 @@ local function owned(stream, group, consumer, id)
 end
 """
 
+# The history stream keeps the last ``maxlen`` outcomes, none older than ``minid``. A batch
+# adds all its entries, then trims once: exact, and far cheaper than trimming per entry.
 _HISTORY = """
+local function history_add(key, stream, jtype, jid, outcome, ms)
+  redis.call('XADD', key, '*',
+    'stream', stream, 'type', jtype, 'job_id', jid, 'outcome', outcome, 'ms', ms)
+end
+local function history_trim(key, maxlen, minid)
+  redis.call('XTRIM', key, 'MAXLEN', maxlen)
+  redis.call('XTRIM', key, 'MINID', minid)
+end
 local function history(key, maxlen, minid, stream, jtype, jid, outcome, ms)
   if tonumber(maxlen) > 0 then
-    redis.call('XADD', key, 'MAXLEN', maxlen, '*',
-      'stream', stream, 'type', jtype, 'job_id', jid, 'outcome', outcome, 'ms', ms)
-    redis.call('XTRIM', key, 'MINID', minid)
+    history_add(key, stream, jtype, jid, outcome, ms)
+    history_trim(key, maxlen, minid)
   end
+end
+"""
+
+# The lowest id the stream must keep for ``group``: its oldest pending entry, or else its
+# last-delivered id. False while another group reads the stream too (its entries are not
+# ours to judge), or when the group has read nothing.
+_TRIM_FLOOR = """
+local function id_lt(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
+local function trim_floor(key, group)
+  if redis.call('EXISTS', key) == 0 then return false end
+  local groups = redis.call('XINFO', 'GROUPS', key)
+  if #groups ~= 1 then return false end
+  local info = groups[1]
+  local name, delivered
+  for i = 1, #info, 2 do
+    if info[i] == 'name' then name = info[i + 1] end
+    if info[i] == 'last-delivered-id' then delivered = info[i + 1] end
+  end
+  if name ~= group or not delivered or delivered == '0-0' then return false end
+  local first = redis.call('XPENDING', key, group, '-', '+', 1)
+  if #first > 0 and id_lt(first[1][1], delivered) then return first[1][1] end
+  return delivered
 end
 """
 
@@ -51,6 +88,7 @@ end
 ACK = (
     _CHUNK
     + _HISTORY
+    + _TRIM_FLOOR
     + """
 local group, hmax, hmin, sname, dprefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local n = tonumber(ARGV[6])
@@ -58,7 +96,16 @@ local ids = {}
 for i = 1, n do ids[i] = ARGV[6 + i] end
 if n > 0 then
   chunked('XACK', KEYS[1], group, ids)
-  chunked('XDEL', KEYS[1], nil, ids)
+  -- Every entry below the floor has been read and acknowledged: one XTRIM takes them
+  -- all, whole nodes at a time. Only entries above the floor (finished after a job older
+  -- than them that still runs) are deleted one by one, which costs a scan each.
+  local floor = trim_floor(KEYS[1], group)
+  if floor then redis.call('XTRIM', KEYS[1], 'MINID', floor) end
+  local rest = {}
+  for _, id in ipairs(ids) do
+    if not floor or not id_lt(id, floor) then rest[#rest + 1] = id end
+  end
+  chunked('XDEL', KEYS[1], nil, rest)
   redis.call('HINCRBY', KEYS[2], 'processed', n)
 end
 local o = 7 + n
@@ -69,9 +116,12 @@ for j = 0, m - 1 do
 end
 o = o + 1 + 2 * m
 local h = tonumber(ARGV[o])
-for j = 0, h - 1 do
-  local b = o + 1 + 3 * j
-  history(KEYS[3], hmax, hmin, sname, ARGV[b], ARGV[b + 1], 'done', ARGV[b + 2])
+if h > 0 and tonumber(hmax) > 0 then
+  for j = 0, h - 1 do
+    local b = o + 1 + 3 * j
+    history_add(KEYS[3], sname, ARGV[b], ARGV[b + 1], 'done', ARGV[b + 2])
+  end
+  history_trim(KEYS[3], hmax, hmin)
 end
 return n
 """

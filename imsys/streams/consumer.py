@@ -469,23 +469,22 @@ class StreamConsumer:
             self.metrics.processed.labels(self.stream).inc(len(batch))
 
     async def _ack(self, batch: list[_Done]) -> int:
+        recent = batch[-self.engine.history_max :] if self.engine.history_max else []
+        payload = orjson.dumps(
+            [
+                [d.entry_id for d in batch],
+                [[d.job_id, d.entry_id] for d in batch if d.job_id],
+                [[d.type, d.job_id, f"{d.seconds * 1000:.1f}"] for d in recent],
+            ]
+        )
         args: list[Any] = [
             GROUP,
             self.engine.history_max,
             self._hist_minid(),
             self.stream,
             self.keys.dedupe_prefix(self.stream),
-            len(batch),
+            payload,
         ]
-        args += [d.entry_id for d in batch]
-        marks = [d for d in batch if d.job_id]
-        args.append(len(marks))
-        for d in marks:
-            args += (d.job_id, d.entry_id)
-        recent = batch[-self.engine.history_max :] if self.engine.history_max else []
-        args.append(len(recent))
-        for d in recent:
-            args += (d.type, d.job_id, f"{d.seconds * 1000:.1f}")
         keys = [self.key, self.keys.stats(self.stream), self.keys.history]
         return int(await self.scripts.ack(keys=keys, args=args))
 

@@ -83,17 +83,18 @@ end
 """
 
 # KEYS: stream, stats, history
-# ARGV: group, hist_max, hist_minid, stream_name, dedupe_prefix, n, ids[n],
-#       m, (job_id, id)[m], h, (type, job_id, ms)[h]
+# ARGV: group, hist_max, hist_minid, stream_name, dedupe_prefix, batch
+# batch: JSON [ids, [[job_id, id], ...], [[type, job_id, ms], ...]] (one argument rather
+# than five per job: packing hundreds of arguments cost the client more than the script).
 ACK = (
     _CHUNK
     + _HISTORY
     + _TRIM_FLOOR
     + """
 local group, hmax, hmin, sname, dprefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local n = tonumber(ARGV[6])
-local ids = {}
-for i = 1, n do ids[i] = ARGV[6 + i] end
+local batch = cjson.decode(ARGV[6])
+local ids, marks, recent = batch[1], batch[2], batch[3]
+local n = #ids
 if n > 0 then
   chunked('XACK', KEYS[1], group, ids)
   -- Every entry below the floor has been read and acknowledged: one XTRIM takes them
@@ -108,18 +109,13 @@ if n > 0 then
   chunked('XDEL', KEYS[1], nil, rest)
   redis.call('HINCRBY', KEYS[2], 'processed', n)
 end
-local o = 7 + n
-local m = tonumber(ARGV[o])
-for j = 0, m - 1 do
-  local key = dprefix .. ARGV[o + 1 + 2 * j]
-  if redis.call('GET', key) == ARGV[o + 2 + 2 * j] then redis.call('DEL', key) end
+for _, m in ipairs(marks) do
+  local key = dprefix .. m[1]
+  if redis.call('GET', key) == m[2] then redis.call('DEL', key) end
 end
-o = o + 1 + 2 * m
-local h = tonumber(ARGV[o])
-if h > 0 and tonumber(hmax) > 0 then
-  for j = 0, h - 1 do
-    local b = o + 1 + 3 * j
-    history_add(KEYS[3], sname, ARGV[b], ARGV[b + 1], 'done', ARGV[b + 2])
+if #recent > 0 and tonumber(hmax) > 0 then
+  for _, h in ipairs(recent) do
+    history_add(KEYS[3], sname, h[1], h[2], 'done', h[3])
   end
   history_trim(KEYS[3], hmax, hmin)
 end

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
@@ -18,6 +19,7 @@ from imsys.http.server import build_app, check_listen_safety
 from imsys.settings import STREAMS, HttpSettings, Settings
 from imsys.streams.engine import Engine
 from imsys.streams.job import Registry
+from imsys.streams.metrics import EngineMetrics
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -122,6 +124,31 @@ async def test_metrics_is_prometheus_text(client: Client, engine: Engine) -> Non
     assert 'imsys_stream_length{stream="sync"} 2.0' in text
     assert 'imsys_stream_dead_total_all_processes{stream="billing"} 1.0' in text
     assert "imsys_dead_letters 1.0" in text
+
+
+def test_handler_latency_is_a_cumulative_histogram() -> None:
+    """Each run time counts in its own bucket and every bucket above it, per stream and type."""
+    metrics = EngineMetrics()
+    for seconds in (0.0005, 0.002, 0.0025, 0.02, 100.0):
+        metrics.observe("sync", "sync_subscriber", seconds)
+    metrics.observe("billing", "generate_bills", 0.3)
+    [family] = [
+        f
+        for f in text_string_to_metric_families(metrics.render([], 0).decode())
+        if f.name == "imsys_handler_seconds"
+    ]
+    assert family.type == "histogram"
+    samples = {
+        (s.name, s.labels["stream"], s.labels.get("le")): s.value for s in family.samples
+    }
+    bucket = "imsys_handler_seconds_bucket"
+    for le, count in (("0.001", 1), ("0.0025", 3), ("0.01", 3), ("0.025", 4), ("60.0", 4)):
+        assert samples[(bucket, "sync", le)] == count, le
+    assert samples[(bucket, "sync", "+Inf")] == 5
+    assert samples[("imsys_handler_seconds_count", "sync", None)] == 5
+    assert samples[("imsys_handler_seconds_sum", "sync", None)] == pytest.approx(100.025)
+    assert samples[(bucket, "billing", "0.25")] == 0
+    assert samples[(bucket, "billing", "0.5")] == 1
 
 
 # --- authentication --------------------------------------------------------------------------

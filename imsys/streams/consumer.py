@@ -218,12 +218,11 @@ class StreamConsumer:
                 # A settling step failed in a way no retry covers: the entry stays pending
                 # and recovery hands it out again; this slot goes on with the next one.
                 self.log.exception("job_settle_failed", entry_id=entry_id, error=_error_text(exc))
+            self._slot_free.set()
             if not self._buffer or self._stopping:
-                self._slot_free.set()
                 return
             entry_id, fields = self._buffer.popleft()
             self.running[entry_id] = task
-            self._slot_free.set()
 
     # --- one job -----------------------------------------------------------------------
 

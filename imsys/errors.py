@@ -51,5 +51,21 @@ class Deferred(ImsysError):
         self.delay = delay
 
 
+class Unavailable(Deferred):
+    """A backing service (PostgreSQL, Redis) does not answer: not the job's fault.
+
+    The job waits and runs again without spending an attempt, however long the outage.
+    """
+
+
+class FencedOut(ImsysError):
+    """This delivery of the job is no longer the current one.
+
+    Another process claimed the job while this one stalled (a freeze, a long GC, a
+    SIGSTOP). The stale run must stop before its next side effect; the engine settles
+    nothing for it (the entry belongs to the other process now).
+    """
+
+
 class ConfigError(ImsysError):
     """The configuration cannot work; raised at start-up."""

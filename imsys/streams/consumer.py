@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -35,6 +35,8 @@ log = structlog.get_logger("imsys.streams")
 DEDUPE_STALE_MS = 3_600_000
 # The part of a huge payload a dead letter keeps (the rest is of no use to anyone).
 DEAD_PAYLOAD_KEEP = 65_536
+# Strong references to fire-and-forget hook tasks (the loop keeps only weak ones).
+_BACKGROUND: set[asyncio.Task[None]] = set()
 
 
 class PoisonMessage(PermanentError):
@@ -73,6 +75,9 @@ class StreamConsumer:
     # Entries read ahead of a free slot: a slot that frees starts the next job at once
     # instead of waiting a Redis round trip. Bounded by the stream's ``prefetch``.
     _buffer: deque[tuple[str, dict[str, str]]] = field(default_factory=deque)
+    # Called (in a task of its own) with the stream's name whenever this consumer had to
+    # create the group: Redis lost it, or never had it. The app re-publishes intents.
+    on_group_created: Callable[[str], Coroutine[Any, Any, None]] | None = None
 
     def __post_init__(self) -> None:
         self.key = self.keys.stream(self.stream)
@@ -88,6 +93,11 @@ class StreamConsumer:
             if "BUSYGROUP" not in str(exc):
                 raise
             return
+        if self.on_group_created is not None:
+            hook = self.on_group_created
+            task = asyncio.get_running_loop().create_task(hook(self.stream))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
         if lost:
             self.log.warning(
                 "consumer_group_recreated",

@@ -84,6 +84,9 @@ class Engine:
             for s in streams
         }
         self.timers: list[Timer] = []
+        self._group_hooks: list[Callable[[str], Awaitable[None]]] = []
+        for c in self.consumers.values():
+            c.on_group_created = self._group_created
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self._prepared = False
@@ -97,6 +100,22 @@ class Engine:
         timer = Timer(name, fn, every=every, cron=Cron(cron) if cron else None)
         self.timers.append(timer)
         return timer
+
+    def on_group_created(self, hook: Callable[[str], Awaitable[None]]) -> None:
+        """Call ``hook(stream)`` whenever a stream's group had to be created.
+
+        That happens on a first start and after Redis lost its data (a restart without
+        persistence, a failover to a replica that had not caught up): whatever jobs the
+        stream held may be gone, and the hook re-publishes them from their intents.
+        """
+        self._group_hooks.append(hook)
+
+    async def _group_created(self, stream: str) -> None:
+        for hook in self._group_hooks:
+            try:
+                await hook(stream)
+            except Exception as exc:
+                log.exception("group_created_hook_failed", stream=stream, error=repr(exc))
 
     # --- start-up ----------------------------------------------------------------------------
 

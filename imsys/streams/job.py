@@ -35,6 +35,23 @@ class Job(Generic[P]):
     report: Callable[[Job[Any], int, int | None, str | None], Awaitable[None]] | None = field(
         default=None, repr=False
     )
+    # The claim's delivery count when this process took the entry: the fencing token.
+    # XREADGROUP makes it 1; each claim by recovery raises it (heartbeats do not).
+    delivery: int = 1
+    # Set by the engine: raises FencedOut when this delivery is no longer the current one.
+    fence: Callable[[Job[Any]], Awaitable[None]] | None = field(default=None, repr=False)
+
+    async def ensure_current(self) -> None:
+        """Raise ``FencedOut`` unless this process still holds this delivery's claim.
+
+        Call it before every side effect that must not happen twice at once (a router
+        write, a status, a payment, a message), inside the database transaction that
+        makes the side effect, after locking the row it changes: a process that claims
+        the job afterwards then waits for that row and sees the result, and one that
+        claimed it before makes this check fail.
+        """
+        if self.fence is not None:
+            await self.fence(self)
 
     async def progress(self, done: int, total: int | None = None, note: str | None = None) -> None:
         """Publish how far this job has come (shown by ``GET /api/queues`` and ``queues``)."""

@@ -34,6 +34,8 @@ log = structlog.get_logger("imsys.engine")
 
 # Consumers idle this long with nothing pending are leftovers of old processes.
 STALE_CONSUMER_MS = 24 * 3_600_000
+# A loop that failed this many times in a row makes /healthz report the engine degraded.
+LOOP_FAILURES_UNHEALTHY = 3
 
 
 def new_consumer_name() -> str:
@@ -85,6 +87,8 @@ class Engine:
         }
         self.timers: list[Timer] = []
         self._group_hooks: list[Callable[[str], Awaitable[None]]] = []
+        # Loops that keep failing, by name: (consecutive failures, last error).
+        self._failing: dict[str, tuple[int, str]] = {}
         for c in self.consumers.values():
             c.on_group_created = self._group_created
         self.stopping = asyncio.Event()
@@ -116,6 +120,21 @@ class Engine:
                 await hook(stream)
             except Exception as exc:
                 log.exception("group_created_hook_failed", stream=stream, error=repr(exc))
+
+    def health(self) -> list[str]:
+        """What is wrong with the engine now (empty when healthy): loops that keep failing."""
+        return [
+            f"loop {name} failed {count} times in a row: {error}"
+            for name, (count, error) in sorted(self._failing.items())
+            if count >= LOOP_FAILURES_UNHEALTHY
+        ]
+
+    def _loop_failed(self, name: str, exc: BaseException) -> None:
+        count = self._failing.get(name, (0, ""))[0] + 1
+        self._failing[name] = (count, redact_text(f"{type(exc).__name__}: {exc}")[:300])
+
+    def _loop_ok(self, name: str) -> None:
+        self._failing.pop(name, None)
 
     # --- start-up ----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
+from imsys.errors import ImsysError, PermanentError, Unavailable
 from imsys.logging import redact_text
 from imsys.streams.backoff import Backoff
 
@@ -26,6 +27,44 @@ log = structlog.get_logger("imsys.db")
 SCHEMA = Path(__file__).parent / "schema.sql"
 # Serialises concurrent ``migrate`` runs (several processes starting at once).
 MIGRATE_LOCK = 0x1A5F5
+
+
+# What "PostgreSQL is away" looks like from asyncpg: the server shutting down or starting
+# up, a connection that broke, too many connections, or no server at all.
+_DB_DOWN = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    ConnectionRefusedError,
+    ConnectionResetError,
+    BrokenPipeError,
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` says PostgreSQL does not answer (not that a query is wrong)."""
+    if isinstance(exc, _DB_DOWN):
+        return True
+    # A pool whose connection died mid-query, or that is closing under a restart.
+    return isinstance(exc, asyncpg.InterfaceError) and (
+        "connection is closed" in str(exc) or "pool is closing" in str(exc)
+    )
+
+
+def translate_error(exc: BaseException) -> ImsysError | None:
+    """asyncpg's exceptions as the engine classifies them (the adapter boundary).
+
+    PostgreSQL away is not the job's fault: the job waits without spending an attempt.
+    A value PostgreSQL refuses (an id beyond 64 bits, a malformed number) will be
+    refused on every retry: permanent.
+    """
+    if is_unavailable(exc):
+        return Unavailable(f"PostgreSQL unavailable: {redact_text(str(exc))}", delay=1.0)
+    if isinstance(exc, asyncpg.DataError):
+        return PermanentError(f"invalid value: {redact_text(str(exc))}")
+    return None
 
 
 def schema_path() -> Path:

@@ -6,10 +6,21 @@ import asyncio
 import random
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MasterDownError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # What "Redis is away" looks like from redis-py; anything else is a bug or a bad command.
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# READONLY and MASTERDOWN come from a node that is (or just became) a replica during a
+# failover: not the command's fault, so wait and reconnect (through Sentinel, to the new
+# primary) as for a lost connection.
+REDIS_DOWN = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    MasterDownError,
+    ConnectionError,
+    OSError,
+)
 
 
 class Backoff:

@@ -13,17 +13,35 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from imsys.errors import Deferred, PermanentError, RetryableError
+from imsys.errors import (
+    Deferred,
+    FencedOut,
+    ImsysError,
+    PermanentError,
+    RetryableError,
+    Unavailable,
+)
 from imsys.logging import redact_text
 from imsys.settings import EngineSettings, StreamPolicy
 from imsys.streams.backoff import REDIS_DOWN, Backoff
+from imsys.streams.entries import (
+    Entry,
+    Malformed,
+    as_text,
+    decode_entries,
+    decode_entry,
+    eval_raw,
+    xreadgroup_raw,
+)
 from imsys.streams.job import Job, Registry, now_ms
 from imsys.streams.keys import GROUP, Keys
 from imsys.streams.metrics import EngineMetrics
@@ -35,6 +53,8 @@ log = structlog.get_logger("imsys.streams")
 DEDUPE_STALE_MS = 3_600_000
 # The part of a huge payload a dead letter keeps (the rest is of no use to anyone).
 DEAD_PAYLOAD_KEEP = 65_536
+# The longest a job waits for PostgreSQL or Redis to come back before it looks again.
+INFRA_DELAY_CAP = 5.0
 # Strong references to fire-and-forget hook tasks (the loop keeps only weak ones).
 _BACKGROUND: set[asyncio.Task[None]] = set()
 
@@ -43,12 +63,22 @@ class PoisonMessage(PermanentError):
     """The entry was delivered too many times: its process kept dying on it."""
 
 
+class InvalidEntry(PermanentError):
+    """The entry's bytes are not text (its reason names the field)."""
+
+
+# Turns a third-party exception (a database driver's, say) into one of ours, or None.
+ErrorTranslator = Callable[[BaseException], ImsysError | None]
+
+
 @dataclass(slots=True)
 class _Done:
     entry_id: str
     type: str
     job_id: str
     seconds: float
+    # When this process last knew the claim was fresh (read, claimed): see ``_ack``.
+    claimed_at: float
 
 
 @dataclass
@@ -75,9 +105,23 @@ class StreamConsumer:
     # Entries read ahead of a free slot: a slot that frees starts the next job at once
     # instead of waiting a Redis round trip. Bounded by the stream's ``prefetch``.
     _buffer: deque[tuple[str, dict[str, str]]] = field(default_factory=deque)
+    _malformed: list[Malformed] = field(default_factory=list)
     # Called (in a task of its own) with the stream's name whenever this consumer had to
     # create the group: Redis lost it, or never had it. The app re-publishes intents.
     on_group_created: Callable[[str], Coroutine[Any, Any, None]] | None = None
+    translators: list[ErrorTranslator] = field(default_factory=list)
+    # The running job of each entry (the heartbeat and recovery update its fence).
+    _jobs: dict[str, Job[Any]] = field(default_factory=dict)
+    # Monotonic time each entry was read or claimed, until it is settled.
+    _claimed_at: dict[str, float] = field(default_factory=dict)
+    # Delivery counts of recovered entries, until their job starts.
+    _deliveries: dict[str, int] = field(default_factory=dict)
+    # Entries whose claim another process took: their handlers are being cancelled.
+    _lost: set[str] = field(default_factory=set)
+    # When the last heartbeat that refreshed every claim of ours was sent.
+    _refreshed_at: float = 0.0
+    # Jobs deferred in a row because PostgreSQL or Redis was away (sets their delay).
+    _infra_failures: int = 0
 
     def __post_init__(self) -> None:
         self.key = self.keys.stream(self.stream)
@@ -152,6 +196,8 @@ class StreamConsumer:
                 self.log.info("redis_reconnected", where="read")
             if entries:
                 await self.dispatch(entries)
+            if self._malformed:
+                await self.dead_letter_malformed()
 
     async def _recreate_group(self) -> None:
         try:
@@ -159,16 +205,18 @@ class StreamConsumer:
         except REDIS_DOWN:
             await asyncio.sleep(0.5)
 
-    async def read(self, count: int, block_ms: int | None) -> list[tuple[str, dict[str, str]]]:
-        resp = cast(
-            list[tuple[str, list[tuple[str, dict[str, str] | None]]]],
-            await self.redis.xreadgroup(
-                GROUP, self.consumer, {self.key: ">"}, count=count, block=block_ms
-            ),
-        )
-        if not resp:
-            return []
-        return [(eid, fields) for eid, fields in resp[0][1] if fields is not None]
+    async def read(self, count: int, block_ms: int | None) -> list[Entry]:
+        """New entries for this consumer; undecodable ones are set aside for the dead letters."""
+        raw = await xreadgroup_raw(self.redis, GROUP, self.consumer, self.key, count, block_ms)
+        good, bad = decode_entries(raw)
+        self._malformed += bad
+        return good
+
+    async def dead_letter_malformed(self) -> None:
+        """Dead-letter the entries that are not text, with their raw bytes; the rest flows."""
+        bad, self._malformed = self._malformed, []
+        for m in bad:
+            await self._dead(m.entry_id, m.fields, InvalidEntry(m.reason), None)
 
     async def dispatch(
         self, entries: list[tuple[str, dict[str, str]]], *, recovered: bool = False
@@ -200,11 +248,21 @@ class StreamConsumer:
             if dropped:
                 self.log.info("duplicates_dropped", count=len(dropped))
         buffered = {eid for eid, _ in self._buffer} if recovered else set()
+        now = time.monotonic()
         for entry in entries:
             # Recovery can hand back an entry this process still runs (its claim went idle
-            # while the loop was stalled): one run of it is enough.
-            if entry[0] in dropped or entry[0] in self.running or entry[0] in buffered:
+            # while the loop was stalled): one run of it is enough, and that run now holds
+            # the new delivery (its fence follows).
+            eid = entry[0]
+            if eid in self.running or eid in buffered:
+                job = self._jobs.get(eid)
+                if job is not None and eid in self._deliveries:
+                    job.delivery = self._deliveries.pop(eid)
+                self._claimed_at[eid] = now
                 continue
+            if eid in dropped:
+                continue
+            self._claimed_at[eid] = now
             if len(self.running) < self.policy.concurrency:
                 self._start(*entry)
             else:
@@ -246,33 +304,94 @@ class StreamConsumer:
                 await self._settle(self._dead(entry_id, fields, exc, started))
                 return
             job.report = self._report_progress
+            job.delivery = self._deliveries.pop(entry_id, 1)
+            job.fence = self._fence
+            self._jobs[entry_id] = job
             try:
                 await reg.handler(job)
             except asyncio.CancelledError:
-                raise
-            except Deferred as exc:
-                await self._settle(self._retry(job, exc, started, delay=exc.delay, deferred=True))
-            except PermanentError as exc:
-                await self._settle(self._dead(entry_id, fields, exc, started))
-            except Exception as exc:
-                # Retryable, or a bug nobody classified: retrying loses nothing.
-                if job.attempt >= self.policy.max_attempts:
-                    await self._settle(self._dead(entry_id, fields, exc, started, exhausted=True))
-                else:
-                    defer = exc.defer if isinstance(exc, RetryableError) else None
-                    delay = defer if defer is not None else self.policy.retry_delay(job.attempt)
-                    await self._settle(self._retry(job, exc, started, delay=delay))
+                if entry_id not in self._lost or self._stopping:
+                    raise
+                # Our cancel, for this job alone: the task goes on with the next entry.
+                task.uncancel()
+                self.log.warning("job_cancelled_claim_lost", entry_id=entry_id, type=type_)
+                return
+            except Exception as raw:
+                await self._failed(job, self._classify(raw), started)
             else:
+                self._infra_failures = 0
                 elapsed = time.perf_counter() - started
-                self._done.append(_Done(entry_id, type_, job.job_id or "", elapsed))
+                claimed = self._claimed_at.pop(entry_id, 0.0)
+                self._done.append(_Done(entry_id, type_, job.job_id or "", elapsed, claimed))
                 self._unflushed.add(entry_id)
                 self._ack_ready.set()
         finally:
             if self.running.get(entry_id) is task:
                 del self.running[entry_id]
+            self._jobs.pop(entry_id, None)
+            self._lost.discard(entry_id)
+            if entry_id not in self._unflushed:
+                self._claimed_at.pop(entry_id, None)
             if entry_id in self._with_progress:
                 self._with_progress.discard(entry_id)
                 await self._settle(self._clear_progress(entry_id))
+
+    def _classify(self, exc: Exception) -> Exception:
+        """The one place a handler's exception becomes ours: translated, then judged."""
+        if isinstance(exc, ImsysError):
+            return exc
+        # redis-py's own classes only: a bare OSError may be any service's (the translators
+        # below know PostgreSQL's), and one nobody claims is retried as usual.
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+            return Unavailable(f"Redis unavailable: {redact_text(str(exc))}", delay=1.0)
+        for translate in self.translators:
+            ours = translate(exc)
+            if ours is not None:
+                return ours
+        return exc
+
+    async def _failed(self, job: Job[Any], exc: Exception, started: float) -> None:
+        entry_id, fields = job.id, job.fields
+        if isinstance(exc, FencedOut):
+            # Another process holds this job now: nothing of ours may settle it.
+            self.log.warning("job_fenced_out", entry_id=entry_id, type=job.type, error=str(exc))
+        elif isinstance(exc, Unavailable):
+            # Not the job's fault: it waits without spending an attempt, however long.
+            self._infra_failures += 1
+            delay = min(INFRA_DELAY_CAP, 0.5 * 2 ** min(self._infra_failures, 8))
+            await self._settle(self._retry(job, exc, started, delay=delay, deferred=True))
+        elif isinstance(exc, Deferred):
+            await self._settle(self._retry(job, exc, started, delay=exc.delay, deferred=True))
+        elif isinstance(exc, PermanentError):
+            await self._settle(self._dead(entry_id, fields, exc, started))
+        elif job.attempt >= self.policy.max_attempts:
+            # Retryable, or a bug nobody classified, on its last attempt.
+            await self._settle(self._dead(entry_id, fields, exc, started, exhausted=True))
+        else:
+            defer = exc.defer if isinstance(exc, RetryableError) else None
+            delay = defer if defer is not None else self.policy.retry_delay(job.attempt)
+            await self._settle(self._retry(job, exc, started, delay=delay))
+
+    async def _fence(self, job: Job[Any]) -> None:
+        """Raise FencedOut unless this delivery still holds the entry's claim.
+
+        The claim is Redis's own record: the pending entry's owner and delivery count.
+        Another process's claim changes both; our heartbeat changes neither.
+        """
+        try:
+            rows = await self.redis.xpending_range(self.key, GROUP, min=job.id, max=job.id, count=1)
+        except REDIS_DOWN as exc:
+            raise Unavailable(
+                f"Redis unavailable: cannot confirm the claim: {exc}", delay=1.0
+            ) from exc
+        if not rows:
+            raise FencedOut(f"entry {job.id} is no longer pending: another process settled it")
+        owner, count = as_text(rows[0]["consumer"]), int(rows[0]["times_delivered"])
+        if owner != self.consumer or count != job.delivery:
+            raise FencedOut(
+                f"entry {job.id} was claimed by {owner} (delivery {count}); "
+                f"this is delivery {job.delivery}"
+            )
 
     async def _settle(self, step: Awaitable[None]) -> None:
         # Shielded: a shutdown cancel must not cut a script in half-sent.
@@ -478,12 +597,22 @@ class StreamConsumer:
             self.metrics.processed.labels(self.stream).inc(len(batch))
 
     async def _ack(self, batch: list[_Done]) -> int:
+        # A claim can only be taken once it sat idle for claim_idle_s. Entries read, claimed
+        # or refreshed more recently than half that are certainly still ours; only the
+        # others (this process stalled: a freeze, a SIGSTOP) are checked in the script, so
+        # a stale run never acknowledges an entry another process now runs.
+        now = time.monotonic()
+        fresh_for = self.engine.claim_idle_s / 2
+        verify = [
+            d.entry_id for d in batch if now - max(d.claimed_at, self._refreshed_at) > fresh_for
+        ]
         recent = batch[-self.engine.history_max :] if self.engine.history_max else []
         payload = orjson.dumps(
             [
                 [d.entry_id for d in batch],
                 [[d.job_id, d.entry_id] for d in batch if d.job_id],
                 [[d.type, d.job_id, f"{d.seconds * 1000:.1f}"] for d in recent],
+                verify,
             ]
         )
         args: list[Any] = [
@@ -493,9 +622,13 @@ class StreamConsumer:
             self.stream,
             self.keys.dedupe_prefix(self.stream),
             payload,
+            self.consumer,
         ]
         keys = [self.key, self.keys.stats(self.stream), self.keys.history]
-        return int(await self.scripts.ack(keys=keys, args=args))
+        taken = as_str_list(await self.scripts.ack(keys=keys, args=args))
+        if taken:
+            self.log.warning("job_taken_over", entry_ids=taken[:20], count=len(taken), step="ack")
+        return len(batch) - len(taken)
 
     # --- recovery and heartbeat ------------------------------------------------------------
 
@@ -511,13 +644,22 @@ class StreamConsumer:
             free = self.policy.concurrency - len(self.running) - len(self._buffer)
             if free <= 0:
                 break
-            raw = await self.scripts.recover(
-                keys=[self.key], args=[GROUP, self.consumer, min_idle, cursor, min(free, 100)]
+            raw = await eval_raw(
+                self.redis,
+                self.scripts.recover,
+                [self.key],
+                [GROUP, self.consumer, min_idle, cursor, min(free, 100)],
             )
-            cursor = raw[0]
+            cursor = as_text(raw[0])
             entries: list[tuple[str, dict[str, str]]] = []
-            for eid, flat, deliveries in raw[1]:
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            for raw_id, flat, deliveries in raw[1]:
+                decoded = decode_entry(raw_id, flat)
+                if isinstance(decoded, Malformed):
+                    await self._dead(
+                        decoded.entry_id, decoded.fields, InvalidEntry(decoded.reason), None
+                    )
+                    continue
+                eid, fields = decoded
                 if int(deliveries) > self.engine.max_deliveries:
                     exc = PoisonMessage(
                         f"delivered {deliveries} times without finishing "
@@ -525,6 +667,7 @@ class StreamConsumer:
                     )
                     await self._dead(eid, fields, exc, None)
                 else:
+                    self._deliveries[eid] = int(deliveries)
                     entries.append((eid, fields))
             if entries:
                 claimed += len(entries)
@@ -542,6 +685,7 @@ class StreamConsumer:
         took (this one stalled past ``claim_idle_s``) is dropped here: it runs there.
         """
         ids = [*self.running, *self._unflushed, *(eid for eid, _ in self._buffer)]
+        sent_at = time.monotonic()
         lost: list[str] = []
         for i in range(0, len(ids), 500):
             lost += as_str_list(
@@ -549,6 +693,7 @@ class StreamConsumer:
                     keys=[self.key], args=[GROUP, self.consumer, *ids[i : i + 500]]
                 )
             )
+        self._refreshed_at = sent_at
         gone = set(lost)
         if self._buffer and gone:
             kept = deque(e for e in self._buffer if e[0] not in gone)
@@ -559,6 +704,12 @@ class StreamConsumer:
         lost = [eid for eid in lost if eid in self.running]
         if lost:
             self.log.warning("job_claim_lost", entry_ids=lost[:20], count=len(lost))
+        for eid in lost:
+            # Stop the stale run now; its fence stops any side effect it reaches first.
+            task = self.running.get(eid)
+            if task is not None and eid in self._jobs and eid not in self._lost:
+                self._lost.add(eid)
+                task.cancel()
         return lost
 
     async def promote_once(self, limit: int = 1000) -> int:
@@ -618,6 +769,7 @@ class StreamConsumer:
         """Read one batch, run it to the end, flush: one exact step for tests."""
         entries = await self.read(count or self.free, block_ms)
         await self.dispatch(entries)
+        await self.dead_letter_malformed()
         while self.running:
             await asyncio.wait(list(self.running.values()))
         await self.flush()

@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from imsys.logging import redact_text
 from imsys.settings import STREAMS, Settings
 from imsys.streams.backoff import REDIS_DOWN, Backoff
-from imsys.streams.consumer import StreamConsumer
+from imsys.streams.consumer import ErrorTranslator, StreamConsumer
 from imsys.streams.deadletters import DeadLetters
 from imsys.streams.job import Registry
 from imsys.streams.keys import GROUP, Keys
@@ -36,6 +36,8 @@ log = structlog.get_logger("imsys.engine")
 STALE_CONSUMER_MS = 24 * 3_600_000
 # A loop that failed this many times in a row makes /healthz report the engine degraded.
 LOOP_FAILURES_UNHEALTHY = 3
+# ... until it has run this long without failing again.
+LOOP_HEALTHY_AFTER_S = 120.0
 
 
 def new_consumer_name() -> str:
@@ -87,8 +89,8 @@ class Engine:
         }
         self.timers: list[Timer] = []
         self._group_hooks: list[Callable[[str], Awaitable[None]]] = []
-        # Loops that keep failing, by name: (consecutive failures, last error).
-        self._failing: dict[str, tuple[int, str]] = {}
+        # Loops that keep failing, by name: (failures in a row, last error, when).
+        self._failing: dict[str, tuple[int, str, float]] = {}
         for c in self.consumers.values():
             c.on_group_created = self._group_created
         self.stopping = asyncio.Event()
@@ -104,6 +106,11 @@ class Engine:
         timer = Timer(name, fn, every=every, cron=Cron(cron) if cron else None)
         self.timers.append(timer)
         return timer
+
+    def add_error_translator(self, translate: ErrorTranslator) -> None:
+        """Let an adapter map its exceptions to ours (e.g. PostgreSQL away → Unavailable)."""
+        for c in self.consumers.values():
+            c.translators.append(translate)
 
     def on_group_created(self, hook: Callable[[str], Awaitable[None]]) -> None:
         """Call ``hook(stream)`` whenever a stream's group had to be created.
@@ -122,16 +129,23 @@ class Engine:
                 log.exception("group_created_hook_failed", stream=stream, error=repr(exc))
 
     def health(self) -> list[str]:
-        """What is wrong with the engine now (empty when healthy): loops that keep failing."""
+        """What is wrong with the engine now (empty when healthy): loops that keep failing.
+
+        A loop counts as failing while it failed ``LOOP_FAILURES_UNHEALTHY`` times in a
+        row and the last failure is recent; one that ran a while without failing is well.
+        """
+        now = time.monotonic()
         return [
             f"loop {name} failed {count} times in a row: {error}"
-            for name, (count, error) in sorted(self._failing.items())
-            if count >= LOOP_FAILURES_UNHEALTHY
+            for name, (count, error, at) in sorted(self._failing.items())
+            if count >= LOOP_FAILURES_UNHEALTHY and now - at < LOOP_HEALTHY_AFTER_S
         ]
 
     def _loop_failed(self, name: str, exc: BaseException) -> None:
-        count = self._failing.get(name, (0, ""))[0] + 1
-        self._failing[name] = (count, redact_text(f"{type(exc).__name__}: {exc}")[:300])
+        now = time.monotonic()
+        count, _, at = self._failing.get(name, (0, "", now))
+        count = count + 1 if now - at < LOOP_HEALTHY_AFTER_S else 1
+        self._failing[name] = (count, redact_text(f"{type(exc).__name__}: {exc}")[:300], now)
 
     def _loop_ok(self, name: str) -> None:
         self._failing.pop(name, None)
@@ -263,6 +277,7 @@ class Engine:
                 raise
             except Exception as exc:
                 log.exception("loop_crashed", loop=name, error=redact_text(repr(exc)))
+                self._loop_failed(name, exc)
                 await backoff.sleep()
 
     async def _every(self, name: str, interval: float, fn: Callable[[], Awaitable[Any]]) -> None:
@@ -270,6 +285,7 @@ class Engine:
         while not self.stopping.is_set():
             try:
                 await fn()
+                self._loop_ok(name)
                 if backoff.reset():
                     log.info("redis_reconnected", where=name)
             except asyncio.CancelledError:
@@ -284,8 +300,10 @@ class Engine:
                         await c.ensure_group(lost=True)
                 else:
                     log.exception("loop_failed", loop=name, error=redact_text(str(exc)))
+                    self._loop_failed(name, exc)
             except Exception as exc:
                 log.exception("loop_failed", loop=name, error=redact_text(repr(exc)))
+                self._loop_failed(name, exc)
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=interval)
             except TimeoutError:

@@ -83,17 +83,42 @@ end
 """
 
 # KEYS: stream, stats, history
-# ARGV: group, hist_max, hist_minid, stream_name, dedupe_prefix, batch
-# batch: JSON [ids, [[job_id, id], ...], [[type, job_id, ms], ...]] (one argument rather
-# than five per job: packing hundreds of arguments cost the client more than the script).
+# ARGV: group, hist_max, hist_minid, stream_name, dedupe_prefix, batch, consumer
+# batch: JSON [ids, [[job_id, id], ...], [[type, job_id, ms], ...], verify] (one argument
+# rather than five per job: packing hundreds of arguments cost the client more than the
+# script). ``verify``: ids whose claim may have been taken while this process stalled;
+# those another consumer owns now are left alone (theirs to settle) and returned.
 ACK = (
     _CHUNK
     + _HISTORY
     + _TRIM_FLOOR
+    + _OWNED
     + """
 local group, hmax, hmin, sname, dprefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local batch = cjson.decode(ARGV[6])
-local ids, marks, recent = batch[1], batch[2], batch[3]
+local ids, marks, recent, verify = batch[1], batch[2], batch[3], batch[4]
+local taken = {}
+if #verify > 0 then
+  local skip = {}
+  for _, id in ipairs(verify) do
+    if not owned(KEYS[1], group, ARGV[7], id) then
+      skip[id] = true
+      taken[#taken + 1] = id
+    end
+  end
+  if #taken > 0 then
+    local kept = {}
+    for _, id in ipairs(ids) do
+      if not skip[id] then kept[#kept + 1] = id end
+    end
+    ids = kept
+    local km = {}
+    for _, m in ipairs(marks) do
+      if not skip[m[2]] then km[#km + 1] = m end
+    end
+    marks = km
+  end
+end
 local n = #ids
 if n > 0 then
   chunked('XACK', KEYS[1], group, ids)
@@ -119,7 +144,7 @@ if #recent > 0 and tonumber(hmax) > 0 then
   end
   history_trim(KEYS[3], hmax, hmin)
 end
-return n
+return taken
 """
 )
 

@@ -360,3 +360,26 @@ async def test_a_loop_that_keeps_failing_makes_the_engine_unhealthy(
         engine.stop()
         await task
     assert failures >= 4
+
+
+async def test_a_new_redis_server_makes_every_stream_republish(
+    redis: Redis, settings: Settings
+) -> None:
+    """A Redis whose run_id changed (restart, failover) runs the group hooks for every
+    stream, since acknowledged writes may be gone; the same server runs none."""
+    called: list[str] = []
+
+    async def hook(stream: str) -> None:
+        called.append(stream)
+
+    async def handle(job: Job[Item]) -> None:
+        pass
+
+    engine = make_engine(redis, settings, handle)
+    engine.on_group_created(hook)
+    assert await engine.check_redis_server() is False  # first look: nothing to compare
+    assert await engine.check_redis_server() is False
+    assert called == []
+    engine._redis_run_id = "0" * 40  # as if the server we knew had been another
+    assert await engine.check_redis_server() is True
+    assert sorted(called) == sorted(engine.consumers)

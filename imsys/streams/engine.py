@@ -89,6 +89,8 @@ class Engine:
         }
         self.timers: list[Timer] = []
         self._group_hooks: list[Callable[[str], Awaitable[None]]] = []
+        # The Redis server's run_id as last seen: a new one means a restart or a failover.
+        self._redis_run_id: str | None = None
         # Loops that keep failing, by name: (failures in a row, last error, when).
         self._failing: dict[str, tuple[int, str, float]] = {}
         for c in self.consumers.values():
@@ -318,6 +320,7 @@ class Engine:
         return sum([await c.recover_once() for c in self.consumers.values()])
 
     async def heartbeat_once(self) -> None:
+        await self.check_redis_server()
         for c in self.consumers.values():
             await c.heartbeat_once()
         await self.limiter.refresh()
@@ -329,6 +332,26 @@ class Engine:
             "running": {s: len(c.running) for s, c in self.consumers.items()},
         }
         await self.redis.hset(self.keys.processes, self.consumer, orjson.dumps(info))
+
+    async def check_redis_server(self) -> bool:
+        """Notice that Redis is another server than before; True when it changed.
+
+        A restart or a Sentinel failover gives the primary a new ``run_id``. Writes the
+        old server acknowledged may be gone (no persistence, or replication that had not
+        caught up) even though the groups still exist, so the group-created hooks run for
+        every stream: they re-publish the intents from PostgreSQL (deduplicated by job_id).
+        """
+        run_id = (await self.redis.info("server")).get("run_id")
+        previous, self._redis_run_id = self._redis_run_id, run_id
+        if previous is None or run_id == previous:
+            return False
+        log.warning(
+            "redis_server_changed",
+            hint="Redis restarted or failed over: re-publishing intents whose jobs may be lost",
+        )
+        for stream in self.consumers:
+            await self._group_created(stream)
+        return True
 
     async def _forget_process(self) -> None:
         try:

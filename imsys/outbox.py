@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 import structlog
 
+from imsys.enqueue import enqueue_unique_many
 from imsys.logging import redact_text
 from imsys.streams.backoff import REDIS_DOWN, Backoff
 from imsys.streams.producer import Producer
@@ -93,21 +94,23 @@ class OutboxRelay:
             later: list[int] = []
             # Rows without a job_id (a billing run's thousands of messages) go out in bulk.
             bulk: dict[tuple[str, str], list[asyncpg.Record]] = {}
-            published: dict[tuple[str, str], bool] = {}  # (stream, job_id) → running
+            # Rows with a job_id: the first of each (stream, job_id) is published, the rest
+            # of this pass coalesce with it; pipelined per (stream, type).
+            unique: dict[tuple[str, str], list[asyncpg.Record]] = {}
             for row in rows:
                 jid = row["job_id"]
                 if jid is None:
                     bulk.setdefault((row["stream"], row["type"]), []).append(row)
-                    continue
-                if (row["stream"], jid) in published:
-                    # Coalesced with an earlier row of this pass.
-                    (later if published[(row["stream"], jid)] else done).append(row["id"])
-                    continue
-                result = await self.producer.enqueue(
-                    row["stream"], row["type"], row["payload"], job_id=jid
-                )
-                published[(row["stream"], jid)] = result.running
-                (later if result.running else done).append(row["id"])
+                else:
+                    unique.setdefault((row["stream"], jid), []).append(row)
+            by_type: dict[tuple[str, str], list[list[asyncpg.Record]]] = {}
+            for same in unique.values():
+                by_type.setdefault((same[0]["stream"], same[0]["type"]), []).append(same)
+            for (stream, type_), groups in by_type.items():
+                jobs = [(g[0]["payload"], g[0]["job_id"]) for g in groups]
+                results = await enqueue_unique_many(self.producer, stream, type_, jobs)
+                for same, result in zip(groups, results, strict=True):
+                    (later if result.running else done).extend(r["id"] for r in same)
             for (stream, type_), group in bulk.items():
                 await self.producer.enqueue_many(stream, type_, (r["payload"] for r in group))
                 done += [r["id"] for r in group]
@@ -126,7 +129,8 @@ class OutboxRelay:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Relay until ``stopping``: on NOTIFY at once, else every ``poll_s``."""
-        backoff = Backoff(first=0.2, cap=10)
+        # A short cap: once PostgreSQL is back, pending syncs move within seconds.
+        backoff = Backoff(first=0.2, cap=3)
         listener: PoolConnectionProxy | None = None
         try:
             while not stopping.is_set():

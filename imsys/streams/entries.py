@@ -51,6 +51,13 @@ class Malformed:
 def decode_entry(entry_id: Any, raw: Any) -> Entry | Malformed:
     """One entry read as bytes: its text fields, or why it has none."""
     eid = entry_id.decode("ascii") if isinstance(entry_id, bytes) else str(entry_id)
+    try:
+        # The path every valid entry takes: no copies before decoding.
+        if isinstance(raw, dict):
+            return eid, {k.decode(): v.decode() for k, v in raw.items()}
+        return eid, {k.decode(): v.decode() for k, v in zip(raw[::2], raw[1::2], strict=False)}
+    except (UnicodeDecodeError, AttributeError, TypeError):
+        pass
     pairs = _pairs(raw)
     try:
         return eid, {k.decode(): v.decode() for k, v in pairs}

@@ -187,6 +187,9 @@ CREATE TABLE IF NOT EXISTS audit_log (
     detail          jsonb NOT NULL DEFAULT '{}'::jsonb,
     outcome         text NOT NULL
 );
+-- A router command's row is written before the command ('unknown outcome') and completed
+-- after it (outcome and completed_at); a kill in between leaves it unknown, never missing.
+ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS completed_at timestamptz;
 CREATE INDEX IF NOT EXISTS audit_log_correlation ON audit_log (correlation_id);
 CREATE INDEX IF NOT EXISTS audit_log_subscriber ON audit_log (subscriber_id, at);
 

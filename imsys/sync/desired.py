@@ -5,6 +5,7 @@ Pure functions: no I/O. Values are compared as the strings the router prints.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,3 +126,45 @@ def plan(desired: Desired, managed: dict[str, list[dict[str, str]]], tag: str) -
     if is_true(entry.get("disabled", "false")) != desired.disabled:
         p.set["disabled"] = want["disabled"]
     return p
+
+
+_UPTIME_PART = re.compile(r"(\d+)(ms|us|w|d|h|m|s)")
+_UPTIME_CLOCK = re.compile(r"(?:(\d+)d\s*)?(\d+):(\d{2}):(\d{2})")
+_UNIT_S = {"w": 604_800.0, "d": 86_400.0, "h": 3_600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+# Two uptime readings are taken a few router calls away from the time the database stamps
+# them; a boot that moved later than this is a restart, not measurement noise.
+RESTART_SLACK_S = 60.0
+
+
+def uptime_seconds(text: str | None) -> float | None:
+    """A RouterOS uptime (``1w2d3h4m5s``, or ``1d02:03:04`` on old releases) in seconds.
+
+    None when it is missing or not in either form: no decision is taken on a guess.
+    """
+    if not text:
+        return None
+    text = text.strip()
+    if clock := _UPTIME_CLOCK.fullmatch(text):
+        days, hours, minutes, seconds = (int(g or 0) for g in clock.groups())
+        return days * 86_400.0 + hours * 3_600.0 + minutes * 60.0 + seconds
+    parts = _UPTIME_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(int(n) * _UNIT_S[u] for n, u in parts)
+
+
+def restarted(before: str | None, after: str | None, elapsed_s: float | None) -> bool:
+    """Whether the router booted again between an uptime reading ``before`` and ``after``.
+
+    ``elapsed_s`` is the time between the two readings as the database saw it (it may
+    be less, never more, than the truth). Uptime going backwards is a restart; so is an
+    uptime that grew by much less than the time that passed (the router came back up and
+    ran a while before this reading).
+    """
+    old, new = uptime_seconds(before), uptime_seconds(after)
+    if old is None or new is None:
+        return False
+    if new < old:
+        return True
+    return elapsed_s is not None and new + RESTART_SLACK_S < old + elapsed_s

@@ -6,12 +6,13 @@ difference, so a retry after a lost reply changes nothing and raises nothing.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from functools import partial
+from typing import Annotated, Any, TypeVar
 
 import structlog
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from imsys.deps import Deps
 from imsys.errors import Deferred, PermanentError, RetryableError
@@ -31,15 +32,20 @@ from imsys.sync.desired import (
 
 log = structlog.get_logger("imsys.sync")
 
+T = TypeVar("T")
+
+# Ids are bigint columns: a larger value can never name a row (a permanent error).
+DbId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
 
 class SyncSubscriber(BaseModel):
-    subscriber_id: int
+    subscriber_id: DbId
     correlation_id: str | None = None
     cause: str = "api"
 
 
 class RouterJob(BaseModel):
-    router_id: int
+    router_id: DbId
     correlation_id: str | None = None
 
 
@@ -94,6 +100,8 @@ async def router_went_offline(deps: Deps, router_id: int, error: str) -> None:
 
 
 async def router_came_online(deps: Deps, router_id: int) -> None:
+    """Record the router reachable; back from offline, it is reconciled at once (queued
+    with the change by ``set_router_online``): it may have come back empty."""
     if await repo.set_router_online(deps.db, router_id, True):
         log.info("router_online", router_id=router_id)
         await deps.events.publish("router_online", {"router_id": router_id})
@@ -110,11 +118,18 @@ async def read_managed(
 
 
 class Auditor:
-    """Writes one audit row per router command for each cause it carries out."""
+    """Audits each router command before sending it, for each cause it carries out.
+
+    One row per command and correlation, written as ``unknown outcome`` before the
+    command and completed after it: a kill in between leaves the row, never a change
+    nobody recorded. Before each command the job's delivery is checked (fencing): a run
+    whose claim another process took sends nothing more.
+    """
 
     def __init__(
         self,
         deps: Deps,
+        job: Job[Any],
         *,
         correlations: list[str],
         cause: str,
@@ -123,58 +138,60 @@ class Auditor:
         subscriber_id: int | None,
     ) -> None:
         self.deps = deps
+        self.job = job
         self.correlations = correlations
         self.cause = cause
         self.tenant_id = tenant_id
         self.router_id = router_id
         self.subscriber_id = subscriber_id
 
-    async def record(self, action: str, outcome: str, detail: dict[str, Any]) -> None:
-        for cid in self.correlations:
-            await repo.audit(
-                self.deps.db,
-                correlation_id=cid,
-                cause=self.cause,
-                action=action,
-                outcome=outcome,
-                tenant_id=self.tenant_id,
-                router_id=self.router_id,
-                subscriber_id=self.subscriber_id,
-                detail=detail,
-            )
-
-    async def run(self, action: str, detail: dict[str, Any], step: Any) -> Any:
-        """Run one router command, auditing its outcome (also when it fails)."""
+    async def run(
+        self, action: str, detail: dict[str, Any], command: Callable[[], Awaitable[T]]
+    ) -> T:
+        """Check the fence, write the intent, send ``command``, complete the rows."""
+        await self.job.ensure_current()
+        ids = await repo.audit_intent(
+            self.deps.db,
+            correlations=self.correlations,
+            cause=self.cause,
+            action=action,
+            tenant_id=self.tenant_id,
+            router_id=self.router_id,
+            subscriber_id=self.subscriber_id,
+            detail=detail,
+        )
         try:
-            result = await step
+            result = await command()
         except RouterUnavailable as exc:
             outcome = "unknown: connection lost after sending" if exc.maybe_applied else "failed"
-            await self.record(action, f"{outcome}: {exc}", detail)
+            await repo.audit_outcome(self.deps.db, ids, f"{outcome}: {exc}")
             raise
         except Exception as exc:
-            await self.record(action, f"failed: {exc}", detail)
+            await repo.audit_outcome(self.deps.db, ids, f"failed: {exc}")
             raise
-        await self.record(action, "ok", detail)
+        await repo.audit_outcome(self.deps.db, ids, "ok")
         return result
 
 
 async def apply_plan(ros: RouterSession, p: Plan, audit: Auditor) -> None:
     for menu, item_id in p.remove:
-        await audit.run(f"remove {menu}", {"id": item_id}, ros.remove(menu, item_id))
+        await audit.run(f"remove {menu}", {"id": item_id}, partial(ros.remove, menu, item_id))
     if p.add is not None:
-        await audit.run(f"add {p.menu}", p.describe()[0]["fields"], ros.add(p.menu, p.add))
+        await audit.run(f"add {p.menu}", p.describe()[0]["fields"], partial(ros.add, p.menu, p.add))
     if p.set and p.set_id is not None:
         public = {k: ("***" if k == "password" else v) for k, v in p.set.items()}
         await audit.run(
-            f"set {p.menu}", {"id": p.set_id, **public}, ros.set(p.menu, p.set_id, p.set)
+            f"set {p.menu}", {"id": p.set_id, **public}, partial(ros.set, p.menu, p.set_id, p.set)
         )
 
 
 async def end_sessions(ros: RouterSession, username: str, audit: Auditor) -> None:
     """Kick the subscriber's live sessions, then check that they really ended."""
-    kicked = await audit.run(f"remove {PPP_ACTIVE}", {"name": username}, ros.kick_ppp(username))
+    kicked = await audit.run(
+        f"remove {PPP_ACTIVE}", {"name": username}, partial(ros.kick_ppp, username)
+    )
     kicked += await audit.run(
-        f"remove {HOTSPOT_ACTIVE}", {"user": username}, ros.kick_hotspot(username)
+        f"remove {HOTSPOT_ACTIVE}", {"user": username}, partial(ros.kick_hotspot, username)
     )
     survivors = len(await ros.active_ppp(username)) + len(await ros.active_hotspot(username))
     if survivors:
@@ -198,6 +215,7 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
     correlations = list(dict.fromkeys([*sub.correlations, p.correlation_id or f"job:{job.id}"]))
     audit = Auditor(
         deps,
+        job,
         correlations=correlations,
         cause=p.cause,
         tenant_id=sub.tenant_id,
@@ -218,7 +236,9 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
     except Deferred:
         raise
     except (PermanentError, RetryableError) as exc:
-        await repo.mark_error(deps.db, sub, str(exc))
+        # Fenced: a stale run (its claim taken while it stalled) writes no status and
+        # publishes nothing; its error may be an artefact of the other run's work.
+        await repo.mark_error(deps.db, sub, str(exc), fence=job.ensure_current)
         await deps.events.publish(
             "subscriber_sync_failed",
             {
@@ -229,7 +249,7 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
             },
         )
         raise
-    if not await repo.mark_synced(deps.db, sub, kicked=kicked):
+    if not await repo.mark_synced(deps.db, sub, kicked=kicked, fence=job.ensure_current):
         # The desired state changed while we worked: go again with the new one.
         raise Deferred(f"subscriber {sub.id} changed during its sync", delay=0.05)
     changed = [d["action"] for d in steps.describe()]
@@ -263,6 +283,7 @@ async def reboot_router(deps: Deps, job: Job[RouterJob]) -> None:
     correlation = job.payload.correlation_id or f"job:{job.id}"
     audit = Auditor(
         deps,
+        job,
         correlations=[correlation],
         cause="api",
         tenant_id=router["tenant_id"],
@@ -270,7 +291,7 @@ async def reboot_router(deps: Deps, job: Job[RouterJob]) -> None:
         subscriber_id=None,
     )
     async with router_session(deps, router) as ros:
-        await audit.run("/system/reboot", {}, ros.reboot())
+        await audit.run("/system/reboot", {}, ros.reboot)
     # Its jobs wait while it boots instead of failing against it.
     await deps.circuit.failure(router["id"])
     await router_went_offline(deps, router["id"], "rebooting")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -31,6 +32,7 @@ from imsys.sync.desired import (
 )
 from imsys.sync.handlers import (
     Auditor,
+    DbId,
     RouterJob,
     router_came_online,
     router_session,
@@ -43,7 +45,7 @@ log = structlog.get_logger("imsys.sync")
 
 
 class ExpireTenant(BaseModel):
-    tenant_id: int
+    tenant_id: DbId
 
 
 @dataclass
@@ -55,11 +57,15 @@ class RouterPlan:
     subscribers: int
     drifted: list[tuple[int, Plan]] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
+    # Subscribers with a change of their own on its way (sync_status 'pending'): their
+    # job carries it out whatever reconciliation decides, so the guard does not count it.
+    intended: set[int] = field(default_factory=set)
     orphans: list[tuple[str, str, str]] = field(default_factory=list)  # (menu, id, name)
     guard: str | None = None
 
     def cutting(self) -> int:
-        return sum(1 for _, p in self.drifted if p.disables) + len(self.orphans)
+        drift = sum(1 for sid, p in self.drifted if p.disables and sid not in self.intended)
+        return drift + len(self.orphans)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -108,6 +114,8 @@ async def build_plan(deps: Deps, router: Any) -> RouterPlan:
             else:
                 found.setdefault(sid, {m: [] for m in MENU_BY_SERVICE.values()})[menu].append(entry)
     for sid, sub in subs.items():
+        if sub.sync_status == "pending":
+            result.intended.add(sid)
         managed = found.get(sid, {m: [] for m in MENU_BY_SERVICE.values()})
         p = plan(sub.desired, managed, tag)
         if not p.empty:
@@ -157,6 +165,7 @@ async def sync_router(deps: Deps, job: Job[RouterJob]) -> None:
     if result.orphans:
         audit = Auditor(
             deps,
+            job,
             correlations=[correlation],
             cause="reconciliation",
             tenant_id=router["tenant_id"],
@@ -166,19 +175,41 @@ async def sync_router(deps: Deps, job: Job[RouterJob]) -> None:
         async with router_session(deps, router) as ros:
             for menu, item_id, name in result.orphans:
                 await audit.run(
-                    f"remove {menu}", {"id": item_id, "name": name}, ros.remove(menu, item_id)
+                    f"remove {menu}",
+                    {"id": item_id, "name": name},
+                    partial(ros.remove, menu, item_id),
                 )
-    for sid in [sid for sid, _ in result.drifted] + result.pending:
-        await deps.engine.producer.enqueue(
-            "sync",
-            "sync_subscriber",
-            {"subscriber_id": sid, "correlation_id": correlation, "cause": "reconciliation"},
-            job_id=sync_job_id(sid),
-        )
+    drifted = [sid for sid, _ in result.drifted]
+    marked = 0
+    syncs = drifted + result.pending
+    if syncs:
+        # The drifted stop showing 'synced' together with the jobs that fix them (one
+        # transaction, through the outbox: a kill between the two cannot strand either,
+        # and the relay re-publishes a sync that was already running when it arrived).
+        async with deps.db.acquire() as conn, conn.transaction():
+            await job.ensure_current()
+            marked = await repo.mark_pending(conn, drifted)
+            await outbox.add_many(
+                conn,
+                "sync",
+                "sync_subscriber",
+                [
+                    (
+                        {
+                            "subscriber_id": sid,
+                            "correlation_id": correlation,
+                            "cause": "reconciliation",
+                        },
+                        sync_job_id(sid),
+                    )
+                    for sid in syncs
+                ],
+            )
     log.info(
         "router_reconciled",
         router_id=router["id"],
         drifted=len(result.drifted),
+        marked_pending=marked,
         pending=len(result.pending),
         removed_unknown=len(result.orphans),
     )
@@ -272,7 +303,7 @@ async def router_facts(deps: Deps, router: Any) -> None:
     if router["online"] is not True:
         await router_came_online(deps, router["id"])
     await deps.circuit.success(router["id"])
-    await repo.record_router_facts(
+    rebooted = await repo.record_router_facts(
         deps.db,
         router["id"],
         version=res.get("version"),
@@ -280,6 +311,15 @@ async def router_facts(deps: Deps, router: Any) -> None:
         cpu_load=int(cpu) if cpu and cpu.isdigit() else None,
         sessions=sessions,
     )
+    if rebooted:
+        # A reboot keeps the configuration, a reset or a replacement does not; the
+        # reconciliation queued with the facts tells which, now rather than at the timer.
+        log.warning(
+            "router_restarted",
+            router_id=router["id"],
+            uptime_before=router["uptime"],
+            uptime=res.get("uptime"),
+        )
 
 
 FACTS_AT_ONCE = 20
@@ -302,7 +342,7 @@ async def enqueue_reconciliation(deps: Deps) -> int:
     routers = await deps.db.fetch("SELECT id FROM routers ORDER BY id")
     for r in routers:
         await deps.engine.producer.enqueue(
-            "sync", "sync_router", {"router_id": r["id"]}, job_id=f"sync_router:{r['id']}"
+            "sync", "sync_router", {"router_id": r["id"]}, job_id=repo.reconcile_job_id(r["id"])
         )
     return len(routers)
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 
-from imsys.sync.desired import Desired
+from imsys import outbox
+from imsys.sync.desired import Desired, restarted
 
 if TYPE_CHECKING:
-    from imsys.db import Executor
+    from imsys.db import Conn, Executor
+
+# Raises FencedOut when the job's delivery is no longer the current one (Job.ensure_current).
+Fence = Callable[[], Awaitable[None]]
 
 
 SUBSCRIBER_FOR_SYNC = """
@@ -25,7 +29,7 @@ WHERE s.id = $1
 
 ROUTER = """
 SELECT id, tenant_id, name, host, port, use_tls, username, password, max_concurrency,
-       online, guard_tripped_at, guard_override_until > now() AS guard_overridden
+       online, uptime, guard_tripped_at, guard_override_until > now() AS guard_overridden
 FROM routers WHERE id = $1
 """
 
@@ -80,33 +84,71 @@ async def router_subscribers(conn: Executor, router_id: int) -> list[SubscriberR
     return [subscriber_from(r) for r in rows]
 
 
-async def mark_synced(pool: asyncpg.Pool, sub: SubscriberRow, *, kicked: bool) -> bool:
-    """Record success only if the desired state did not change meanwhile."""
-    status = await pool.execute(
-        """
-        UPDATE subscribers
-        SET sync_status = 'synced', sync_error = NULL, synced_version = $2,
-            last_synced_at = now(), pending_correlations = '{}',
-            kick_required = CASE WHEN $3 THEN false ELSE kick_required END
-        WHERE id = $1 AND desired_version = $2
-        """,
-        sub.id,
-        sub.version,
-        kicked,
-    )
+async def mark_synced(
+    pool: asyncpg.Pool, sub: SubscriberRow, *, kicked: bool, fence: Fence
+) -> bool:
+    """Record success only if the desired state did not change meanwhile.
+
+    The row is locked before ``fence`` runs: a process that claimed the job later waits
+    here and reads what this run wrote; one that claimed it earlier makes ``fence`` raise
+    ``FencedOut`` and nothing is written.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        current = await _lock_subscriber(conn, sub)
+        await fence()
+        if not current:
+            return False
+        status = await conn.execute(
+            """
+            UPDATE subscribers
+            SET sync_status = 'synced', sync_error = NULL, synced_version = $2,
+                last_synced_at = now(), pending_correlations = '{}',
+                kick_required = CASE WHEN $3 THEN false ELSE kick_required END
+            WHERE id = $1 AND desired_version = $2
+            """,
+            sub.id,
+            sub.version,
+            kicked,
+        )
     return status.endswith(" 1")
 
 
-async def mark_error(pool: asyncpg.Pool, sub: SubscriberRow, message: str) -> None:
-    await pool.execute(
-        """
-        UPDATE subscribers SET sync_status = 'error', sync_error = $3
-        WHERE id = $1 AND desired_version = $2
-        """,
-        sub.id,
-        sub.version,
-        message[:1000],
+async def mark_error(pool: asyncpg.Pool, sub: SubscriberRow, message: str, *, fence: Fence) -> None:
+    """Record a failed sync of the version it tried (locked and fenced as ``mark_synced``)."""
+    async with pool.acquire() as conn, conn.transaction():
+        current = await _lock_subscriber(conn, sub)
+        await fence()
+        if not current:
+            return
+        await conn.execute(
+            """
+            UPDATE subscribers SET sync_status = 'error', sync_error = $3
+            WHERE id = $1 AND desired_version = $2
+            """,
+            sub.id,
+            sub.version,
+            message[:1000],
+        )
+
+
+async def _lock_subscriber(conn: Conn, sub: SubscriberRow) -> bool:
+    """Lock the row; False when its desired state moved on (this run's result is moot)."""
+    version = await conn.fetchval(
+        "SELECT desired_version FROM subscribers WHERE id = $1 FOR UPDATE", sub.id
     )
+    return bool(version == sub.version)
+
+
+async def mark_pending(conn: Conn, subscriber_ids: list[int]) -> int:
+    """Synced subscribers whose router entry drifted are no longer synced: say so."""
+    status = await conn.execute(
+        """
+        UPDATE subscribers SET sync_status = 'pending'
+        WHERE id = ANY($1::bigint[]) AND sync_status = 'synced'
+        """,
+        subscriber_ids,
+    )
+    return int(status.rsplit(" ", 1)[1])
 
 
 async def audit(
@@ -138,24 +180,92 @@ async def audit(
     )
 
 
+AUDIT_UNKNOWN = "unknown outcome"
+
+
+async def audit_intent(
+    conn: Executor,
+    *,
+    correlations: Sequence[str],
+    cause: str,
+    action: str,
+    tenant_id: int | None,
+    router_id: int | None,
+    subscriber_id: int | None,
+    detail: dict[str, Any],
+) -> list[int]:
+    """Rows for a router command about to be sent, one per correlation; their ids.
+
+    Written before the command, as ``unknown outcome``: a process killed while the
+    command is in flight leaves the row saying so, never a change with no row.
+    """
+    rows = await conn.fetch(
+        """
+        INSERT INTO audit_log (correlation_id, cause, tenant_id, router_id, subscriber_id,
+                               action, detail, outcome)
+        SELECT c, $2, $3, $4, $5, $6, $7::jsonb, $8 FROM unnest($1::text[]) AS u(c)
+        RETURNING id
+        """,
+        list(correlations),
+        cause,
+        tenant_id,
+        router_id,
+        subscriber_id,
+        action,
+        orjson.dumps(detail).decode(),
+        AUDIT_UNKNOWN,
+    )
+    return [r["id"] for r in rows]
+
+
+async def audit_outcome(conn: Executor, ids: list[int], outcome: str) -> None:
+    """Complete the rows ``audit_intent`` wrote with what became of the command."""
+    await conn.execute(
+        "UPDATE audit_log SET outcome = $2, completed_at = now() WHERE id = ANY($1::bigint[])",
+        ids,
+        outcome[:1000],
+    )
+
+
+def reconcile_job_id(router_id: int) -> str:
+    """The job id of a router's reconciliation: the timer's and a heal's dedupe."""
+    return f"sync_router:{router_id}"
+
+
+async def queue_reconciliation(conn: Conn, router_id: int) -> None:
+    """Reconcile the router now (in the caller's transaction, through the outbox)."""
+    await outbox.add(
+        conn, "sync", "sync_router", {"router_id": router_id}, job_id=reconcile_job_id(router_id)
+    )
+
+
 async def set_router_online(
     pool: asyncpg.Pool, router_id: int, online: bool, error: str | None = None
 ) -> bool:
-    """Record reachability; True when it changed (worth an event)."""
-    row = await pool.fetchrow(
-        """
-        UPDATE routers r SET online = $2,
-            last_seen_at = CASE WHEN $2 THEN now() ELSE r.last_seen_at END,
-            last_error = $3
-        FROM (SELECT online FROM routers WHERE id = $1 FOR UPDATE) AS old
-        WHERE r.id = $1
-        RETURNING old.online IS DISTINCT FROM $2 AS changed
-        """,
-        router_id,
-        online,
-        error,
-    )
-    return bool(row and row["changed"])
+    """Record reachability; True when it changed (worth an event).
+
+    A router back from offline may have lost its configuration while away (a reset, a
+    replacement): its reconciliation is queued with the change, not left to the timer.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            """
+            UPDATE routers r SET online = $2,
+                last_seen_at = CASE WHEN $2 THEN now() ELSE r.last_seen_at END,
+                last_error = $3
+            FROM (SELECT online FROM routers WHERE id = $1 FOR UPDATE) AS old
+            WHERE r.id = $1
+            RETURNING old.online AS was
+            """,
+            router_id,
+            online,
+            error,
+        )
+        if row is None:
+            return False
+        if online and row["was"] is False:
+            await queue_reconciliation(conn, router_id)
+        return bool(row["was"] is not online)
 
 
 async def record_router_facts(
@@ -166,12 +276,22 @@ async def record_router_facts(
     uptime: str | None,
     cpu_load: int | None,
     sessions: Sequence[tuple[str, str, str | None, str | None]],
-) -> None:
+) -> bool:
     """Router facts and its subscribers' online state from the active sessions, set-based.
 
-    ``sessions`` holds (service, username, address, uptime).
+    ``sessions`` holds (service, username, address, uptime). True when the router
+    restarted since the last reading (its uptime went back): a reboot or a reset may
+    have lost entries, so its reconciliation is queued in the same transaction.
     """
     async with pool.acquire() as conn, conn.transaction():
+        before = await conn.fetchrow(
+            """
+            SELECT uptime, extract(epoch FROM now() - last_seen_at)::float8 AS elapsed
+            FROM routers WHERE id = $1 FOR UPDATE
+            """,
+            router_id,
+        )
+        rebooted = before is not None and restarted(before["uptime"], uptime, before["elapsed"])
         await conn.execute(
             """
             UPDATE routers SET version = $2, uptime = $3, cpu_load = $4, online = true,
@@ -204,3 +324,6 @@ async def record_router_facts(
             [s[2] for s in sessions],
             [s[3] for s in sessions],
         )
+        if rebooted:
+            await queue_reconciliation(conn, router_id)
+    return rebooted

@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--username", default="admin")
     s.add_argument("--password", default="")
     s.add_argument("--api-key", default="sim-key")
+
+    c = sub.add_parser("chaos", help="adversarial scenarios on private Redis/PostgreSQL servers")
+    c.add_argument("--short", action="store_true", help="small counts, short outages (< 2 min)")
+    c.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
+    c.add_argument("--json", action="store_true", help="one JSON object per row")
+    c.add_argument("--keep", action="store_true", help="keep the temp folder with every log")
     return p
 
 
@@ -293,6 +299,12 @@ def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(_settings: Settings, args: argparse.Namespace) -> int:
+    from imsys.chaos.runner import main as chaos_main
+
+    return chaos_main(args.only, short=args.short, as_json=args.json, keep=args.keep)
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": cmd_run,
     "migrate": cmd_migrate,
@@ -302,4 +314,5 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "enqueue": cmd_enqueue,
     "bench": cmd_bench,
     "sim": cmd_sim,
+    "chaos": cmd_chaos,
 }

@@ -88,6 +88,15 @@ CREATE UNIQUE INDEX IF NOT EXISTS subscribers_router_username
 CREATE INDEX IF NOT EXISTS subscribers_tenant_expiry
     ON subscribers (tenant_id, expires_at) WHERE deleted_at IS NULL AND NOT is_suspended;
 CREATE INDEX IF NOT EXISTS subscribers_sync_status ON subscribers (sync_status) WHERE sync_status <> 'synced';
+-- The admin search (ILIKE '%fragment%' on username, phone, e-mail) reads trigram
+-- indexes instead of scanning the table; pg_trgm ships with PostgreSQL (contrib).
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+CREATE INDEX IF NOT EXISTS subscribers_username_trgm
+    ON subscribers USING gin (username gin_trgm_ops) WHERE deleted_at IS NULL;
+CREATE INDEX IF NOT EXISTS subscribers_phone_trgm
+    ON subscribers USING gin (phone gin_trgm_ops) WHERE deleted_at IS NULL;
+CREATE INDEX IF NOT EXISTS subscribers_email_trgm
+    ON subscribers USING gin (email gin_trgm_ops) WHERE deleted_at IS NULL;
 
 -- Ids here are copies taken when the invoice is made (the subscriber, their tenant, the
 -- package billed), without foreign keys: a check per row would double the cost of a
@@ -192,6 +201,25 @@ CREATE TABLE IF NOT EXISTS audit_log (
 ALTER TABLE audit_log ADD COLUMN IF NOT EXISTS completed_at timestamptz;
 CREATE INDEX IF NOT EXISTS audit_log_correlation ON audit_log (correlation_id);
 CREATE INDEX IF NOT EXISTS audit_log_subscriber ON audit_log (subscriber_id, at);
+
+-- Idempotency-Key of the admin API's creating POSTs: the first answer to (key, method,
+-- path), replayed for 24 h to a retry with the same body (request_sha256). status is
+-- NULL while the first request runs; locked_until lets a retry take over a claim whose
+-- process died. 5xx answers are not kept (the row is deleted: the client may retry).
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key             text NOT NULL,
+    method          text NOT NULL,
+    path            text NOT NULL,
+    request_sha256  bytea NOT NULL,
+    claim           uuid NOT NULL,
+    status          integer,
+    response        bytea,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    locked_until    timestamptz NOT NULL,
+    expires_at      timestamptz NOT NULL,
+    PRIMARY KEY (key, method, path)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_expires ON idempotency_keys (expires_at);
 
 -- Bouncer e-mail verification (imsys/bouncer). A user batch is a list of addresses to
 -- check; the greedy creator packs pending addresses of all user batches, oldest first,

@@ -116,7 +116,13 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             loop.add_signal_handler(sig, engine.stop)
 
         if settings.http.enabled:
-            app = build_app(engine, redis, db, settings.http.token.get_secret_value())
+            app = build_app(
+                engine,
+                redis,
+                db,
+                settings.http.token.get_secret_value(),
+                max_body_bytes=settings.http.max_body_bytes,
+            )
             api_sync.add_routes(app, deps)
             api_bouncer.add_routes(app, deps)
             dashboard.add_routes(app, demo)

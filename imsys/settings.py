@@ -54,6 +54,8 @@ class HttpSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     token: SecretStr = SecretStr("change-me")
+    # Largest request body read (bytes); past it, 413 before the body is buffered.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
 
 
 class LogSettings(BaseModel):

@@ -359,4 +359,4 @@ def test_loopback_is_allowed_with_any_token(host: str, token: str) -> None:
 
 def test_beyond_loopback_is_allowed_with_a_real_token() -> None:
     """0.0.0.0 with a real token is allowed."""
-    check_listen_safety(HttpSettings(host="0.0.0.0", token=SecretStr("s3cure-and-long-token")))
+    check_listen_safety(HttpSettings(host="0.0.0.0", token=SecretStr("s3cure-and-long-token-" * 2)))

@@ -9,10 +9,12 @@ from aiohttp import web
 
 from imsys.billing import payments, templates
 from imsys.http.api_sync import DEPS, domain_errors, int_param, parse
+from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
 from imsys.sync.service import NotFound
 
 
+@creating
 @domain_errors
 async def post_payment(request: web.Request) -> web.Response:
     data = await parse(request, payments.PaymentIn)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from imsys.bouncer import service
 from imsys.deps import Deps
+from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response, read_json
 
 DEPS = web.AppKey("bouncer_deps", Deps)
@@ -48,6 +49,7 @@ def domain_errors(fn: Handler) -> Handler:
     return wrapped
 
 
+@creating
 @domain_errors
 async def post_batch(request: web.Request) -> web.Response:
     data = await parse_batch(request)

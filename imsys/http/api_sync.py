@@ -11,6 +11,7 @@ import pydantic
 from aiohttp import web
 
 from imsys.errors import Deferred
+from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response, read_json
 from imsys.routeros import RouterError
 from imsys.sync import service
@@ -75,6 +76,7 @@ def domain_errors(fn: Handler) -> Handler:
     return wrapped
 
 
+@creating
 @domain_errors
 async def post_tenant(request: web.Request) -> web.Response:
     data = await parse(request, service.TenantIn)
@@ -86,6 +88,7 @@ async def get_tenants(request: web.Request) -> web.Response:
     return json_response({"tenants": await service.list_tenants(request.app[DEPS].db)})
 
 
+@creating
 @domain_errors
 async def post_router(request: web.Request) -> web.Response:
     data = await parse(request, service.RouterIn)
@@ -163,6 +166,7 @@ async def post_router_reboot(request: web.Request) -> web.Response:
     return json_response({"queued": not result.duplicate}, status=202)
 
 
+@creating
 @domain_errors
 async def post_package(request: web.Request) -> web.Response:
     data = await parse(request, service.PackageIn)
@@ -175,6 +179,7 @@ async def get_packages(request: web.Request) -> web.Response:
     return json_response({"packages": rows})
 
 
+@creating
 @domain_errors
 async def post_subscriber(request: web.Request) -> web.Response:
     data = await parse(request, service.SubscriberIn)

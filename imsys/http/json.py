@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -25,11 +26,20 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 class ApiError(web.HTTPException):
-    """An error the client can act on: ``{"error": message}`` with a 4xx status."""
+    """An error the client can act on: ``{"error": message}`` with a 4xx status (503
+    when a backing service is down)."""
 
-    def __init__(self, status: int, message: str, **detail: Any) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **detail: Any,
+    ) -> None:
         self.status_code = status
         super().__init__(
+            headers=headers,
             text=orjson.dumps({"error": message, **detail}).decode(),
             content_type="application/json",
         )

@@ -5,16 +5,20 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Final
 
 import asyncpg
 import structlog
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from imsys.errors import ConfigError
+from imsys.errors import ConfigError, Unavailable
+from imsys.http.idempotency import IDEMPOTENCY, IdempotencyStore, idempotency
 from imsys.http.json import ApiError, json_response, not_found
 from imsys.settings import HttpSettings
-from imsys.streams.backoff import REDIS_DOWN
 from imsys.streams.deadletters import ENTRY_ID
 from imsys.streams.engine import Engine
 
@@ -24,48 +28,150 @@ ENGINE = web.AppKey("engine", Engine)
 REDIS = web.AppKey("redis", Redis)
 DB = web.AppKey("db", asyncpg.Pool)
 TOKEN = web.AppKey("token", str)
+MAX_BODY = web.AppKey("max_body_bytes", int)
 
-WEAK_TOKENS = {"", "change-me"}
+EXAMPLE_TOKEN: Final = "change-me"  # noqa: S105 -- the example token, refused
+MIN_TOKEN_LENGTH: Final = 32
+DEFAULT_MAX_BODY: Final = 1024 * 1024
+# Seconds a client should wait before retrying while PostgreSQL or Redis is away.
+RETRY_AFTER_S: Final = 5
+
+# PostgreSQL not answering, as asyncpg says it: the connection failed or went away, the
+# server is starting, shutting down or full (anything else is a real error).
+PG_DOWN: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+PG_GONE_MESSAGES: Final = ("pool is closed", "pool is closing", "connection is closed")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def check_listen_safety(http: HttpSettings) -> None:
-    """Refuse to listen beyond loopback with an empty or example token."""
-    token = http.token.get_secret_value()
-    if token not in WEAK_TOKENS:
-        return
+def _is_loopback(host: str) -> bool:
     try:
-        loopback = ipaddress.ip_address(http.host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = http.host == "localhost"
-    if not loopback:
-        raise ConfigError(
-            f"http.host is {http.host!r} but http.token is empty or 'change-me': "
-            "set a real token (IMSYS_HTTP__TOKEN) before listening beyond loopback"
-        )
+        return host.strip().lower() == "localhost"
+
+
+def check_listen_safety(http: HttpSettings) -> None:
+    """Refuse to listen beyond loopback with a short token or the example's."""
+    if _is_loopback(http.host):
+        return
+    # The token itself never appears in the message: it is a secret, weak or not.
+    token = http.token.get_secret_value().strip()
+    if token.lower() == EXAMPLE_TOKEN:
+        problem = "is the example's 'change-me'"
+    elif len(token) < MIN_TOKEN_LENGTH:
+        problem = f"is shorter than {MIN_TOKEN_LENGTH} characters"
+    else:
+        return
+    raise ConfigError(
+        f"http.host is {http.host!r} but http.token {problem}: set a random token of at "
+        f"least {MIN_TOKEN_LENGTH} characters (IMSYS_HTTP__TOKEN, e.g. `openssl rand -hex "
+        "24`) before listening beyond loopback"
+    )
+
+
+def _raised_in(tb: TracebackType | None) -> str | None:
+    """The backing service whose client code an exception came out of, if any."""
+    service = None
+    while tb is not None:
+        module = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if module.startswith("asyncpg"):
+            service = "PostgreSQL"
+        elif module.startswith("redis"):
+            service = "Redis"
+        tb = tb.tb_next
+    return service
+
+
+def unavailable_service(exc: BaseException) -> str | None:
+    """The service (PostgreSQL or Redis) that ``exc`` says does not answer, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RedisConnectionError | RedisTimeoutError):
+            return "Redis"
+        if isinstance(current, PG_DOWN):
+            return "PostgreSQL"
+        if isinstance(current, asyncpg.InterfaceError) and str(current) in PG_GONE_MESSAGES:
+            return "PostgreSQL"
+        if isinstance(current, OSError) and (service := _raised_in(current.__traceback__)):
+            return service
+        current = current.__cause__ or current.__context__
+    if isinstance(exc, Unavailable):
+        text = str(exc).lower()
+        return "Redis" if "redis" in text else "PostgreSQL" if "postgres" in text else None
+    return None
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"request body is larger than the limit of {limit} bytes (http.max_body_bytes)",
+        limit=limit,
+    )
 
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is JSON; PostgreSQL or Redis not answering is a 503, never a 500."""
     try:
         return await handler(request)
     except ApiError:
         raise
+    except web.HTTPRequestEntityTooLarge:
+        # aiohttp's own (a chunked body past client_max_size) is plain text.
+        raise too_large(request.app[MAX_BODY]) from None
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             raise ApiError(exc.status, exc.reason) from None
         raise
-    except REDIS_DOWN:
-        log.warning("api_redis_unavailable", path=request.path)
-        raise ApiError(503, "Redis is not answering; try again shortly") from None
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
-        log.warning("api_database_unavailable", path=request.path)
-        raise ApiError(503, "PostgreSQL is not answering; try again shortly") from None
-    except Exception:
+    except Exception as exc:
+        service = unavailable_service(exc)
+        if service is not None:
+            # The class only: a connection error's text may name a host or a URL.
+            log.warning(
+                "api_backing_service_unavailable",
+                service=service,
+                path=request.path,
+                error=type(exc).__name__,
+            )
+            raise ApiError(
+                503,
+                f"{service} unavailable",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None
         # Every answer is JSON, a bug's too; the traceback goes to the log only.
         log.exception("api_internal_error", path=request.path)
         raise ApiError(500, "internal error") from None
+
+
+@web.middleware
+async def body_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a body announced larger than the limit before reading any of it.
+
+    A chunked body has no length up front: ``client_max_size`` (the same limit) stops
+    reading it there, and ``errors_as_json`` turns that into the same 413.
+    """
+    limit = request.app[MAX_BODY]
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    return await handler(request)
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every answer, errors and the dashboard's files included."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    if request.path == "/api" or request.path.startswith("/api/"):
+        # Answers carry subscribers' data and tokens: no cache keeps a copy.
+        response.headers["Cache-Control"] = "no-store"
 
 
 @web.middleware
@@ -104,7 +210,13 @@ async def healthz(request: web.Request) -> web.Response:
     detail["engine"] = (
         "running" if engine.ready.is_set() and not engine.stopping.is_set() else "starting"
     )
-    return json_response({"ok": ok, **detail}, status=200 if ok else 503)
+    # Both may answer while the engine cannot work (a loop that keeps crashing).
+    problems = engine.health()
+    status = "unavailable" if not ok else "degraded" if problems else "ok"
+    return json_response(
+        {"ok": status == "ok", "status": status, **detail, "problems": problems},
+        status=200 if status == "ok" else 503,
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -172,14 +284,27 @@ async def drop_dead_letter(request: web.Request) -> web.Response:
     return json_response({"dropped": _dead_id(request)})
 
 
-def build_app(engine: Engine, redis: Redis, db: asyncpg.Pool, token: str) -> web.Application:
+def build_app(
+    engine: Engine,
+    redis: Redis,
+    db: asyncpg.Pool,
+    token: str,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+) -> web.Application:
+    # Outermost first: errors become JSON, then the body limit and the token are checked
+    # before an Idempotency-Key can replay anything.
     app = web.Application(
-        middlewares=[errors_as_json, bearer_auth], client_max_size=64 * 1024 * 1024
+        middlewares=[errors_as_json, body_limit, bearer_auth, idempotency],
+        client_max_size=max_body_bytes,
     )
+    app.on_response_prepare.append(security_headers)
     app[ENGINE] = engine
     app[REDIS] = redis
     app[DB] = db
     app[TOKEN] = token
+    app[MAX_BODY] = max_body_bytes
+    app[IDEMPOTENCY] = IdempotencyStore(db)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/queues", queues)

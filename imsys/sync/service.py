@@ -411,24 +411,37 @@ async def search_subscribers(
     limit: int,
     offset: int,
 ) -> dict[str, Any]:
-    """Subscribers (not deleted) matching a username/phone/email fragment and filters."""
+    """Subscribers (not deleted) matching a username/phone/email fragment and filters.
+
+    The fragment matches literally (``%``, ``_`` and ``\\`` are escaped), and the clause
+    is only written when there is one: ``$1 IS NULL OR ...`` would keep a cached generic
+    plan from using the trigram indexes (schema.sql) that serve it.
+    """
     where = """
         s.deleted_at IS NULL
-        AND ($1::text IS NULL OR s.username ILIKE '%' || $1 || '%' OR s.phone ILIKE '%' || $1 || '%'
-             OR s.email ILIKE '%' || $1 || '%')
         AND ($2::text IS NULL OR s.sync_status = $2)
         AND ($3::bigint IS NULL OR s.router_id = $3)
     """
+    pattern = None
+    if search:
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+        where += r"""
+        AND (s.username ILIKE $1 ESCAPE '\' OR s.phone ILIKE $1 ESCAPE '\'
+             OR s.email ILIKE $1 ESCAPE '\')
+        """
+    else:
+        where += " AND $1::text IS NULL"
     rows = await db.fetch(
         f"SELECT {SUBSCRIBER_COLUMNS} FROM subscribers s WHERE {where} "
         "ORDER BY s.id LIMIT $4 OFFSET $5",
-        search,
+        pattern,
         sync_status,
         router_id,
         limit,
         offset,
     )
     total = await db.fetchval(
-        f"SELECT count(*) FROM subscribers s WHERE {where}", search, sync_status, router_id
+        f"SELECT count(*) FROM subscribers s WHERE {where}", pattern, sync_status, router_id
     )
     return {"subscribers": [dict(r) for r in rows], "total": total}

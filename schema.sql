@@ -337,3 +337,15 @@ ALTER TABLE invoices DROP CONSTRAINT IF EXISTS invoices_package_id_fkey;
 ALTER TABLE invoices DROP CONSTRAINT IF EXISTS invoices_subscriber_id_fkey;
 ALTER TABLE notifications DROP CONSTRAINT IF EXISTS notifications_tenant_id_fkey;
 ALTER TABLE notifications DROP CONSTRAINT IF EXISTS notifications_subscriber_id_fkey;
+
+-- Re-publication of intents (imsys/intents.py): each query walks a partial index of only
+-- the rows whose work is unfinished, in id order, a bounded page at a time.
+CREATE INDEX IF NOT EXISTS subscribers_unsynced ON subscribers (id)
+    WHERE sync_status <> 'synced' OR desired_version > synced_version;
+CREATE INDEX IF NOT EXISTS payments_unapplied ON payments (id) WHERE applied_at IS NULL;
+CREATE INDEX IF NOT EXISTS notifications_queued ON notifications (id) WHERE status = 'queued';
+-- A delivery claims a message before it calls the provider (the claim is fenced: only the
+-- current delivery of the job may take it); another delivery waits until the claim is
+-- released or older than its lease (the claimant died mid-call).
+ALTER TABLE notifications ADD COLUMN IF NOT EXISTS sending_at timestamptz;
+ALTER TABLE notifications ADD COLUMN IF NOT EXISTS sending_by text;

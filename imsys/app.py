@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 from redis.asyncio import Redis
 
+from imsys import intents
 from imsys.billing import domain as billing_domain
 from imsys.bouncer import domain as bouncer_domain
 from imsys.db import connect_pool
@@ -53,6 +54,8 @@ def register_domains(deps: Deps) -> None:
     events_domain.register(deps)
     billing_domain.register(deps)
     bouncer_domain.register(deps)
+    # Redis is a cache of work: put back the jobs of PostgreSQL's intents when it loses them.
+    intents.register(deps)
 
 
 def build_deps(

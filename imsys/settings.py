@@ -260,6 +260,25 @@ class DemoSettings(BaseModel):
     circuit_max_s: float = Field(default=10.0, gt=0)
 
 
+class RecoverySettings(BaseModel):
+    """Re-publication of intents from PostgreSQL (imsys/intents.py): Redis is a cache of work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Re-publish when a stream's consumer group had to be created (Redis came back empty)
+    # and run the periodic sweep. Off only for tests that share one database.
+    enabled: bool = True
+    # How often the sweep looks for intents with no job waiting (once per period across
+    # every process).
+    sweep_every_s: float = Field(default=60.0, gt=0)
+    # The sweep leaves intents younger than this to the outbox relay and running jobs.
+    intent_age_s: float = Field(default=300.0, ge=0)
+    # An intent the sweep had to re-publish (its job was lost or dead-lettered) is not
+    # re-published again by the sweep for this long: a job that keeps failing is not
+    # retried every sweep.
+    republish_cooldown_s: float = Field(default=3600.0, ge=0)
+
+
 class BouncerBatchingSettings(BaseModel):
     """Bouncer greedy batching (imsys/bouncer): batch size, capacity, cadence, rate limit."""
 
@@ -316,6 +335,7 @@ class Settings(BaseSettings):
     whatsapp: WhatsAppConfig = WhatsAppConfig()
     smtp: SmtpConfig = SmtpConfig()
     demo: DemoSettings = DemoSettings()
+    recovery: RecoverySettings = RecoverySettings()
     streams: dict[str, StreamPolicy] = Field(default_factory=_default_streams)
 
     @field_validator("streams", mode="before")

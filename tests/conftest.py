@@ -88,6 +88,9 @@ def settings(prefix: str, database_url: str) -> Settings:
         redis={"url": TEST_REDIS_URL, "prefix": prefix},
         database={"url": database_url},
         http={"port": 0, "token": "test-token"},
+        # Tests share one database: re-publication would pull other tests' intents into
+        # this test's streams. tests/test_intents.py turns it on, on a database of its own.
+        recovery={"enabled": False},
         engine={
             "read_block_ms": 50,
             "claim_idle_s": 1.0,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from functools import partial
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -15,24 +17,49 @@ from imsys.billing.handlers import (
     current_period,
     generate_bills,
     payment_received,
+    period_bounds,
 )
 from imsys.deps import Deps
+
+if TYPE_CHECKING:
+    from imsys.db import Executor
 
 log = structlog.get_logger("imsys.billing")
 
 
+def generate_bills_job_id(tenant_id: int, period: str) -> str:
+    return f"generate_bills:{tenant_id}:{period}"
+
+
+async def due_billing_runs(
+    db: Executor, *, opened_before: datetime | None = None
+) -> list[tuple[int, str]]:
+    """(tenant, period) of every tenant whose current period has no finished billing run.
+
+    With ``opened_before``, only periods that opened before that instant.
+    """
+    tenants = await db.fetch("SELECT id, time_zone FROM tenants")
+    periods = {t["id"]: current_period(t["time_zone"]) for t in tenants}
+    if opened_before is not None:
+        zones = {t["id"]: t["time_zone"] for t in tenants}
+        periods = {
+            tid: period
+            for tid, period in periods.items()
+            if period_bounds(period, zones[tid])[0] <= opened_before
+        }
+    due = await repo.tenants_due_for_bills(db, periods)
+    return [(tenant_id, periods[tenant_id]) for tenant_id in due]
+
+
 async def start_due_billing_runs(deps: Deps) -> int:
     """One generate_bills job per tenant whose current period has no bills yet."""
-    tenants = await deps.db.fetch("SELECT id, time_zone FROM tenants")
-    periods = {t["id"]: current_period(t["time_zone"]) for t in tenants}
-    due = await repo.tenants_due_for_bills(deps.db, periods)
-    for tenant_id in due:
-        period = periods[tenant_id]
+    due = await due_billing_runs(deps.db)
+    for tenant_id, period in due:
         await deps.engine.producer.enqueue(
             "billing",
             "generate_bills",
             {"tenant_id": tenant_id, "period": period},
-            job_id=f"generate_bills:{tenant_id}:{period}",
+            job_id=generate_bills_job_id(tenant_id, period),
         )
     return len(due)
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from imsys.billing import payments, repo
 from imsys.deps import Deps
-from imsys.errors import PermanentError, RetryableError
+from imsys.errors import Deferred, PermanentError, RetryableError
 from imsys.events.channels import ChannelControl
 from imsys.providers.email import SmtpClient
 from imsys.providers.sms import SmsClient
@@ -23,6 +23,9 @@ from imsys.streams.job import Job
 log = structlog.get_logger("imsys.billing")
 
 PERIOD = r"^\d{4}-(0[1-9]|1[0-2])$"
+# A claim on a message older than this belongs to a delivery that died mid-call (well past
+# any provider timeout): another delivery may send it.
+SENDING_LEASE_S = 120.0
 
 
 class GenerateBills(BaseModel):
@@ -68,6 +71,10 @@ async def generate_bills(deps: Deps, job: Job[GenerateBills]) -> None:
     # One set-based statement: invoices, their messages and outbox rows commit together,
     # so a run killed half-way leaves nothing half-done, and a re-run adds nothing.
     async with deps.db.acquire() as conn, conn.transaction():
+        # One run of a tenant's period at a time, and only by the job's current delivery:
+        # a stale one raises FencedOut here and bills nothing.
+        await repo.lock_billing_run(conn, p.tenant_id, p.period)
+        await job.ensure_current()
         row = await repo.generate_bills(
             conn,
             tenant_id=p.tenant_id,
@@ -96,6 +103,7 @@ async def payment_received(deps: Deps, job: Job[PaymentReceived]) -> None:
         job.payload.payment_id,
         template=cfg.templates["payment_ack"],
         phone_channel=cfg.phone_channel,
+        fence=job.ensure_current,
     )
     if result is None:
         exists = await deps.db.fetchval(
@@ -128,6 +136,12 @@ class Notifier:
         return await self.smtp.send(to, subject, body)
 
     async def send_notification(self, job: Job[SendNotification]) -> None:
+        """Send one message at most once at a time, and only from the job's current delivery.
+
+        The delivery claims the message (row locked, fence checked, claim written, in one
+        transaction) before it calls the provider: a stale delivery raises FencedOut there
+        and sends nothing; another delivery finds the claim and waits for its outcome.
+        """
         deps = self.deps
         nid = job.payload.notification_id
         note = await repo.notification(deps.db, nid)
@@ -137,35 +151,41 @@ class Notifier:
             return  # sent (or given up) by an earlier delivery of this job
         channel = note["channel"]
         await self._channel_running(channel)
-        # A lock per message: a redelivery racing a slow first try must not send twice.
-        lock = f"{deps.engine.keys.prefix}:lock:notification:{nid}"
-        if not await deps.redis.set(lock, job.id, nx=True, px=120_000):
-            raise RetryableError(f"notification {nid} is being sent by another delivery", defer=5)
+        await deps.engine.rates.acquire(
+            f"notify:{channel}", deps.settings.billing.send_rate_per_s.get(channel, 10.0)
+        )
+        claimant = f"{job.id}:{job.delivery}"
+        claim = await repo.claim_sending(
+            deps.db, nid, claimant, lease_s=SENDING_LEASE_S, fence=job.ensure_current
+        )
+        if claim == "done":
+            return
+        if claim == "busy":
+            raise Deferred(f"notification {nid} is being sent by another delivery", delay=5.0)
         try:
-            await deps.engine.rates.acquire(
-                f"notify:{channel}", deps.settings.billing.send_rate_per_s.get(channel, 10.0)
+            provider_id = await self.deliver(note)
+        except (RetryableError, PermanentError) as exc:
+            final = isinstance(exc, PermanentError) or job.attempt >= (
+                deps.settings.streams["billing"].max_attempts
             )
-            try:
-                provider_id = await self.deliver(note)
-            except (RetryableError, PermanentError) as exc:
-                final = isinstance(exc, PermanentError) or job.attempt >= (
-                    deps.settings.streams["billing"].max_attempts
+            # Only the current delivery records the failure (FencedOut otherwise).
+            recorded = await repo.mark_attempt_failed(
+                deps.db, nid, str(exc), final=final, claimant=claimant, fence=job.ensure_current
+            )
+            if final and recorded:
+                await deps.events.publish(
+                    "notification_failed",
+                    {
+                        "notification_id": nid,
+                        "channel": channel,
+                        "template": note["template"],
+                        "error": str(exc),
+                    },
                 )
-                await repo.mark_attempt_failed(deps.db, nid, str(exc), final=final)
-                if final:
-                    await deps.events.publish(
-                        "notification_failed",
-                        {
-                            "notification_id": nid,
-                            "channel": channel,
-                            "template": note["template"],
-                            "error": str(exc),
-                        },
-                    )
-                raise
-            await repo.mark_sent(deps.db, nid, provider_id)
-        finally:
-            await deps.redis.delete(lock)
+            raise
+        # Recorded even by a delivery fenced out meanwhile: the provider has the message,
+        # and leaving it 'queued' would only get it sent a second time.
+        await repo.mark_sent(deps.db, nid, provider_id)
         await deps.events.publish(
             "notification_sent",
             {

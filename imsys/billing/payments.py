@@ -7,6 +7,7 @@ suspension, queues the sync and an acknowledgement — in one transaction guarde
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -16,6 +17,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
 from imsys import outbox
+from imsys.billing.repo import notification_job_id, payment_job_id
 from imsys.billing.templates import render
 from imsys.sync.service import Conflict, Invalid, queue_sync
 
@@ -58,7 +60,7 @@ async def record_payment(db: asyncpg.Pool, data: PaymentIn) -> tuple[dict[str, A
                 "billing",
                 "payment_received",
                 {"payment_id": row["id"]},
-                job_id=f"payment_received:{row['id']}",
+                job_id=payment_job_id(row["id"]),
             )
             return dict(row), True
     existing = await db.fetchrow("SELECT * FROM payments WHERE reference = $1", data.reference)
@@ -72,20 +74,32 @@ async def record_payment(db: asyncpg.Pool, data: PaymentIn) -> tuple[dict[str, A
 
 
 async def apply_payment(
-    db: asyncpg.Pool, payment_id: int, *, template: str, phone_channel: str
+    db: asyncpg.Pool,
+    payment_id: int,
+    *,
+    template: str,
+    phone_channel: str,
+    fence: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any] | None:
-    """Apply once: extend, reconnect, queue sync and acknowledgement. None if done before."""
+    """Apply once: extend, reconnect, queue sync and acknowledgement. None if done before.
+
+    ``fence`` (the job's ``ensure_current``) runs with the payment row locked, inside the
+    transaction that applies it: a delivery that lost its claim raises there and applies
+    nothing, and one that claimed the job after us waits for the lock and finds it applied.
+    """
     async with db.acquire() as conn, conn.transaction():
         pay = await conn.fetchrow(
             """
-            UPDATE payments SET applied_at = now()
-            WHERE id = $1 AND applied_at IS NULL
-            RETURNING id, tenant_id, subscriber_id, amount, reference
+            SELECT id, tenant_id, subscriber_id, amount, reference FROM payments
+            WHERE id = $1 AND applied_at IS NULL FOR UPDATE
             """,
             payment_id,
         )
         if pay is None:
             return None
+        if fence is not None:
+            await fence()
+        await conn.execute("UPDATE payments SET applied_at = now() WHERE id = $1", payment_id)
         correlation = f"payment:{pay['reference']}"
         sub = await conn.fetchrow(
             """
@@ -144,7 +158,13 @@ async def apply_payment(
                 f"payment_ack:{pay['id']}",
             )
             if note_id is not None:
-                await outbox.add(conn, "billing", "send_notification", {"notification_id": note_id})
+                await outbox.add(
+                    conn,
+                    "billing",
+                    "send_notification",
+                    {"notification_id": note_id},
+                    job_id=notification_job_id(note_id),
+                )
         return {
             "payment_id": pay["id"],
             "subscriber_id": sub["id"],

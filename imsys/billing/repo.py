@@ -6,13 +6,25 @@ message) relies on a unique key, so a re-run creates nothing new.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 
 if TYPE_CHECKING:
     from imsys.db import Conn, Executor
+
+
+def payment_job_id(payment_id: int) -> str:
+    return f"payment_received:{payment_id}"
+
+
+# The SQL below spells it too ('send_notification:' || id): a job per message, so one
+# still waiting is never doubled by a re-publication (imsys/intents.py).
+def notification_job_id(notification_id: int) -> str:
+    return f"send_notification:{notification_id}"
+
 
 # A template rendered in SQL: the same variables as the Python renderer.
 RENDER = """
@@ -72,8 +84,9 @@ WITH billable AS (
     ON CONFLICT (dedupe_key) DO NOTHING
     RETURNING id
 ), queued AS (
-    INSERT INTO outbox (stream, type, payload)
-    SELECT 'billing', 'send_notification', jsonb_build_object('notification_id', id) FROM note
+    INSERT INTO outbox (stream, type, payload, job_id)
+    SELECT 'billing', 'send_notification', jsonb_build_object('notification_id', id),
+           'send_notification:' || id FROM note
     RETURNING 1
 ), run AS (
     INSERT INTO billing_runs (tenant_id, period, invoices)
@@ -120,8 +133,9 @@ WITH due AS (
     ON CONFLICT (dedupe_key) DO NOTHING
     RETURNING id
 ), queued AS (
-    INSERT INTO outbox (stream, type, payload)
-    SELECT 'billing', 'send_notification', jsonb_build_object('notification_id', id) FROM note
+    INSERT INTO outbox (stream, type, payload, job_id)
+    SELECT 'billing', 'send_notification', jsonb_build_object('notification_id', id),
+           'send_notification:' || id FROM note
     RETURNING 1
 )
 SELECT count(*) FROM queued
@@ -185,11 +199,59 @@ async def notification(db: Executor, notification_id: int) -> asyncpg.Record | N
     )
 
 
+async def lock_billing_run(conn: Conn, tenant_id: int, period: str) -> None:
+    """Hold, until the transaction ends, the one lock of this tenant's period's run."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        f"generate_bills:{tenant_id}:{period}",
+    )
+
+
+Claim = Literal["claimed", "done", "busy"]
+
+
+async def claim_sending(
+    db: asyncpg.Pool,
+    notification_id: int,
+    claimant: str,
+    *,
+    lease_s: float,
+    fence: Callable[[], Awaitable[None]],
+) -> Claim:
+    """Claim a queued message for one delivery before its provider call.
+
+    ``done``: it is no longer queued. ``busy``: another delivery's claim younger than
+    ``lease_s`` holds it. Otherwise ``fence`` runs with the row locked (raising
+    ``FencedOut`` for a stale delivery, which then claims nothing) and the claim is written.
+    """
+    async with db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            """
+            SELECT status, sending_by,
+                   sending_at > now() - make_interval(secs => $2) AS held
+            FROM notifications WHERE id = $1 FOR UPDATE
+            """,
+            notification_id,
+            lease_s,
+        )
+        if row is None or row["status"] != "queued":
+            return "done"
+        if row["held"] and row["sending_by"] != claimant:
+            return "busy"
+        await fence()
+        await conn.execute(
+            "UPDATE notifications SET sending_at = now(), sending_by = $2 WHERE id = $1",
+            notification_id,
+            claimant,
+        )
+        return "claimed"
+
+
 async def mark_sent(db: Executor, notification_id: int, provider_id: str) -> None:
     await db.execute(
         """
         UPDATE notifications SET status = 'sent', provider_message_id = $2, sent_at = now(),
-            attempts = attempts + 1, error = NULL
+            attempts = attempts + 1, error = NULL, sending_at = NULL, sending_by = NULL
         WHERE id = $1
         """,
         notification_id,
@@ -198,18 +260,35 @@ async def mark_sent(db: Executor, notification_id: int, provider_id: str) -> Non
 
 
 async def mark_attempt_failed(
-    db: Executor, notification_id: int, error: str, *, final: bool
-) -> None:
-    await db.execute(
-        """
-        UPDATE notifications SET attempts = attempts + 1, error = $2,
-            status = CASE WHEN $3 THEN 'failed' ELSE status END
-        WHERE id = $1 AND status = 'queued'
-        """,
-        notification_id,
-        error[:1000],
-        final,
-    )
+    db: asyncpg.Pool,
+    notification_id: int,
+    error: str,
+    *,
+    final: bool,
+    claimant: str,
+    fence: Callable[[], Awaitable[None]],
+) -> bool:
+    """Record a failed try and release the claim; False when the claim is not ours now."""
+    async with db.acquire() as conn, conn.transaction():
+        owner = await conn.fetchval(
+            "SELECT sending_by FROM notifications WHERE id = $1 AND status = 'queued' FOR UPDATE",
+            notification_id,
+        )
+        if owner != claimant:
+            return False
+        await fence()
+        await conn.execute(
+            """
+            UPDATE notifications SET attempts = attempts + 1, error = $2,
+                status = CASE WHEN $3 THEN 'failed' ELSE status END,
+                sending_at = NULL, sending_by = NULL
+            WHERE id = $1
+            """,
+            notification_id,
+            error[:1000],
+            final,
+        )
+        return True
 
 
 def as_dict(row: asyncpg.Record | None) -> dict[str, Any] | None:

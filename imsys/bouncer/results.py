@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("imsys.bouncer")
 
 CHUNK: Final = 10_000
+# The job's ``ensure_current``: raises FencedOut for a delivery that lost its claim.
+Fence = Callable[[], Awaitable[None]]
 OPEN: Final = ("processing", "completed")
 
 
@@ -154,23 +157,32 @@ async def _lock_open(conn: Conn, batch_id: int, *, exclusive: bool) -> bool:
 
 
 async def store_chunk(ctx: BouncerContext, batch_id: int, check_type: str,
-                      cols: Columns) -> int | None:
-    """Store one chunk; returns e-mails newly done, or None if the batch was closed."""
+                      cols: Columns, fence: Fence | None = None) -> int | None:
+    """Store one chunk; returns e-mails newly done, or None if the batch was closed.
+
+    ``fence`` (the job's ``ensure_current``) runs with the batch row locked: a delivery
+    that lost its claim raises FencedOut and stores nothing.
+    """
     async with ctx.db.acquire() as conn, conn.transaction():
         if not await _lock_open(conn, batch_id, exclusive=False):
             return None
+        if fence is not None:
+            await fence()
         rows = await conn.fetch(STORE[check_type], batch_id, *cols.args())
         done = Counter(r["user_batch_id"] for r in rows)
         await repo.add_counts(conn, done, Counter())
         return len(rows)
 
 
-async def finish(ctx: BouncerContext, batch_id: int, records: int) -> int | None:
+async def finish(ctx: BouncerContext, batch_id: int, records: int,
+                 fence: Fence | None = None) -> int | None:
     """E-mails still without a result fail; the batch is downloaded. Returns how many
     failed, or None if the batch was closed meanwhile."""
     async with ctx.db.acquire() as conn, conn.transaction():
         if not await _lock_open(conn, batch_id, exclusive=True):
             return None
+        if fence is not None:
+            await fence()
         rows = await conn.fetch(
             "UPDATE user_batch_emails SET status = 'failed'"
             " WHERE bouncer_batch_id = $1 AND status = 'assigned' RETURNING user_batch_id",
@@ -202,6 +214,8 @@ async def download_results(ctx: BouncerContext, job: Job[DownloadResults]) -> No
     batch_id, check_type, total = batch["id"], batch["check_type"], batch["quantity"]
     if not await ctx.limiter.acquire(check_type, "download"):
         raise Deferred("Bouncer rate limit reached", delay=10.0)
+    # A stale delivery neither spends one of the batch's download attempts nor stores.
+    await job.ensure_current()
     await repo.count_download(ctx.db, batch_id)
     started = time.perf_counter()
     name = batch_name(batch_id)
@@ -211,19 +225,19 @@ async def download_results(ctx: BouncerContext, job: Job[DownloadResults]) -> No
         async for record in stream:
             chunk.append(record)
             if len(chunk) >= CHUNK:
-                if not await _store(ctx, batch_id, check_type, chunk, name, tally):
+                if not await _store(ctx, job, batch_id, check_type, chunk, name, tally):
                     return
                 chunk = []
                 await job.progress(tally.records, total)
         if chunk:
-            if not await _store(ctx, batch_id, check_type, chunk, name, tally):
+            if not await _store(ctx, job, batch_id, check_type, chunk, name, tally):
                 return
             await job.progress(tally.records, total)
     if tally.records == 0 and total > 0:
         # An empty download for a batch we filled is Bouncer's hiccup, not an answer: the
         # status checker queues it again, up to max_download_attempts.
         raise RetryableError(f"download of batch {bouncer_id} returned no results")
-    missing = await finish(ctx, batch_id, tally.records)
+    missing = await finish(ctx, batch_id, tally.records, job.ensure_current)
     log.info(
         "bouncer_results_stored",
         batch=batch_id,
@@ -246,10 +260,11 @@ class Tally:
     foreign: int = 0
 
 
-async def _store(ctx: BouncerContext, batch_id: int, check_type: str,
-                 chunk: list[dict[str, Any]], name: str, tally: Tally) -> bool:
+async def _store(ctx: BouncerContext, job: Job[DownloadResults], batch_id: int,
+                 check_type: str, chunk: list[dict[str, Any]], name: str,
+                 tally: Tally) -> bool:
     cols = to_columns(chunk, name)
-    stored = await store_chunk(ctx, batch_id, check_type, cols)
+    stored = await store_chunk(ctx, batch_id, check_type, cols, job.ensure_current)
     if stored is None:
         log.info("bouncer_download_ignored", batch=batch_id, reason="closed meanwhile")
         return False

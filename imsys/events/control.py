@@ -31,6 +31,8 @@ class ServiceControl(BaseModel):
 async def service_control(deps: Deps, channels: ChannelControl, job: Job[ServiceControl]) -> None:
     p = job.payload
     by = p.requested_by or f"service_control job {job.job_id or job.id}"
+    # A stale delivery must not flip a channel the current one may already have set.
+    await job.ensure_current()
     try:
         state = await _apply(channels, p, by)
     except REDIS_DOWN as exc:

@@ -122,6 +122,9 @@ class OtpSender:
             return
         await self._check_expiry(job, channel)
         await self.channels.ensure_running(channel)
+        # Last check before the code leaves: a delivery whose claim another process took
+        # (it stalled) raises FencedOut here and sends nothing; the current one sends.
+        await job.ensure_current()
         started = time.perf_counter()
         try:
             provider_id = await self._send(channel, payload)
@@ -130,6 +133,8 @@ class OtpSender:
             if replacement is not None:
                 raise replacement from None
             raise
+        # Remembered even if this delivery was fenced out during the call: the code did go
+        # out, and the mark is what keeps the current delivery from sending it again.
         await self._remember(mark, payload.expires_at, provider_id)
         now = now_ms()
         await self.deps.events.publish(

@@ -6,7 +6,8 @@ import asyncio
 import secrets
 from pathlib import Path
 
-from imsys.chaos.bed import Bed, Service, until
+from imsys.chaos.bed import Bed
+from imsys.chaos.process import Service, until
 from imsys.chaos.report import Row
 from imsys.chaos.servers import free_port
 

@@ -8,7 +8,8 @@ import random
 import signal
 from collections import Counter
 
-from imsys.chaos.bed import Bed, Service, must, until
+from imsys.chaos.bed import Bed
+from imsys.chaos.process import Service, must, until
 from imsys.chaos.report import Row
 from imsys.sim.routeros_state import Write
 

@@ -6,7 +6,8 @@ import asyncio
 import signal
 import time
 
-from imsys.chaos.bed import Bed, must
+from imsys.chaos.bed import Bed
+from imsys.chaos.process import must
 from imsys.chaos.report import Row
 from imsys.sim.routeros import RouterOSSimulator
 

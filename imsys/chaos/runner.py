@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from imsys import logging as imsys_logging
-from imsys.chaos import scenarios_engine, scenarios_http, scenarios_kill, scenarios_sync
+from imsys.chaos import (
+    scenarios_engine,
+    scenarios_http,
+    scenarios_kill,
+    scenarios_sentinel,
+    scenarios_sync,
+)
 from imsys.chaos.bed import Bed
 from imsys.chaos.report import Row, json_lines, table
 from imsys.chaos.servers import ChaosSetupError
@@ -30,7 +36,7 @@ SCENARIOS: dict[str, tuple[Scenario, str]] = {
     "postgres_restart": (scenarios_engine.postgres_restart, scenarios_engine.POSTGRES_TARGET),
     "http": (scenarios_http.http, scenarios_http.HTTP_TARGET),
     "audit_kill": (scenarios_kill.audit_kill, scenarios_kill.AUDIT_TARGET),
-    "sentinel": (scenarios_http.sentinel, scenarios_http.SENTINEL_TARGET),
+    "sentinel": (scenarios_sentinel.sentinel, scenarios_sentinel.SENTINEL_TARGET),
 }
 
 

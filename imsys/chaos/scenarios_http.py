@@ -12,7 +12,6 @@ from imsys.chaos.report import Row
 from imsys.chaos.servers import free_port
 
 HTTP_TARGET = "30 MB → 413 with RSS +≤ 20 MB; Idempotency-Key → first answer; weak tokens refused"
-SENTINEL_TARGET = "primary killed under load: resumes ≤ 15 s, 0 lost"
 BODY_MB = 30
 RSS_LIMIT_MB = 20.0
 WEAK_TOKENS = (" change-me", "Change-Me", "x")
@@ -123,20 +122,3 @@ async def http(bed: Bed) -> Row:
     row.notes.extend(wrong)
     row.ok = not wrong
     return row
-
-
-def sentinel_supported() -> str | None:
-    """None when imsys has Sentinel settings, else why the scenario cannot run."""
-    from imsys.settings import RedisSettings
-
-    if not any("sentinel" in name for name in RedisSettings.model_fields):
-        return "imsys has no Redis Sentinel settings yet"
-    return None
-
-
-async def sentinel(bed: Bed) -> Row:
-    """Primary + replica + 3 sentinels; the primary killed under load."""
-    reason = sentinel_supported()
-    if reason is None:
-        reason = "Sentinel settings exist but this scenario is not written yet"
-    return Row("sentinel", SENTINEL_TARGET, ok=None, skipped=reason)

@@ -25,6 +25,7 @@ from imsys.events.publisher import EventPublisher
 from imsys.http import api_billing, api_bouncer, api_sync, dashboard
 from imsys.http.server import build_app, check_listen_safety
 from imsys.outbox import OutboxRelay
+from imsys.redisconn import make_redis
 from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.streams.engine import Engine
@@ -34,18 +35,6 @@ from imsys.sync.circuit import RouterCircuit
 from imsys.systemd import Notifier
 
 log = structlog.get_logger("imsys.app")
-
-
-def make_redis(settings: Settings) -> Redis:
-    return Redis.from_url(
-        settings.redis.url.get_secret_value(),
-        decode_responses=True,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        # Each blocking reader holds a connection of its own; jobs borrow the rest.
-        max_connections=1000,
-    )
 
 
 def register_domains(deps: Deps) -> None:

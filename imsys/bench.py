@@ -18,6 +18,7 @@ import orjson
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from imsys.redisconn import make_redis
 from imsys.settings import Settings, StreamPolicy
 from imsys.streams.engine import Engine
 from imsys.streams.job import Job, Registry
@@ -40,7 +41,7 @@ async def run_bench(
             "streams": {**settings.streams, STREAM: policy},
         }
     )
-    redis = Redis.from_url(cfg.redis.url.get_secret_value(), decode_responses=True)
+    redis = make_redis(cfg)
     done = 0
     finished = asyncio.Event()
 

@@ -120,7 +120,7 @@ def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 async def _with_engine(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
-    from imsys.app import make_redis
+    from imsys.redisconn import make_redis
     from imsys.streams.engine import Engine
     from imsys.streams.job import Registry
 

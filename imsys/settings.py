@@ -37,6 +37,40 @@ class RedisSettings(BaseModel):
 
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     prefix: str = "imsys"
+    # Sentinel: when ``sentinels`` is set, the primary is whatever the sentinels name for
+    # ``sentinel_master`` (asked again on every reconnect, so a failover is followed);
+    # ``url`` then only gives the database number, username, password and TLS.
+    sentinels: list[str] = Field(default_factory=list)
+    sentinel_master: str = ""
+    sentinel_password: SecretStr = SecretStr("")
+
+    @field_validator("sentinels")
+    @classmethod
+    def _host_port(cls, value: list[str]) -> list[str]:
+        for item in value:
+            _split_host_port(item)
+        return value
+
+    @model_validator(mode="after")
+    def _sentinel_pair(self) -> RedisSettings:
+        if self.sentinels and not self.sentinel_master:
+            raise ValueError("redis.sentinel_master is needed when redis.sentinels is set")
+        if self.sentinel_master and not self.sentinels:
+            raise ValueError("redis.sentinel_master is set but redis.sentinels is empty")
+        return self
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``sentinels`` as (host, port) pairs."""
+        return [_split_host_port(item) for item in self.sentinels]
+
+
+def _split_host_port(item: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6-address]:port``; anything else is a configuration error."""
+    host, sep, port = item.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a sentinel must be host:port, got {item!r}")
+    return host, int(port)
 
 
 class DatabaseSettings(BaseModel):

@@ -258,6 +258,39 @@ def test_config_error_does_not_echo_the_value(tmp_path: Path) -> None:
     assert "hunter2-secret" not in str(info.value)
 
 
+# --- Redis Sentinel --------------------------------------------------------------------------
+
+
+def test_sentinels_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IMSYS_REDIS__SENTINELS (JSON) with a master name gives (host, port) pairs; the
+    sentinel password stays wrapped."""
+    monkeypatch.setenv("IMSYS_REDIS__SENTINELS", '["10.0.0.1:26379", "[fd00::2]:26380"]')
+    monkeypatch.setenv("IMSYS_REDIS__SENTINEL_MASTER", "imsys")
+    monkeypatch.setenv("IMSYS_REDIS__SENTINEL_PASSWORD", "s3cret-sentinel")
+    s = load_settings()
+    assert s.redis.sentinel_addresses() == [("10.0.0.1", 26379), ("fd00::2", 26380)]
+    assert s.redis.sentinel_master == "imsys"
+    assert "s3cret-sentinel" not in repr(s)
+    assert s.redis.sentinel_password.get_secret_value() == "s3cret-sentinel"
+
+
+@pytest.mark.parametrize(
+    ("toml", "where"),
+    [
+        ('[redis]\nsentinels = ["10.0.0.1"]\nsentinel_master = "m"\n', r"must be host:port"),
+        ('[redis]\nsentinels = ["h:0"]\nsentinel_master = "m"\n', r"must be host:port"),
+        ('[redis]\nsentinels = [":26379"]\nsentinel_master = "m"\n', r"must be host:port"),
+        ('[redis]\nsentinels = ["h:26379"]\n', r"sentinel_master is needed"),
+        ('[redis]\nsentinel_master = "m"\n', r"redis\.sentinels is empty"),
+    ],
+)
+def test_bad_sentinel_settings_are_config_errors(tmp_path: Path, toml: str, where: str) -> None:
+    """A sentinel that is not host:port, or sentinels without a master name (or the
+    reverse), is refused at start-up instead of silently using redis.url."""
+    with pytest.raises(ConfigError, match=rf"invalid configuration: .*{where}"):
+        load_settings(write(tmp_path, toml))
+
+
 # --- retry schedule --------------------------------------------------------------------------
 
 

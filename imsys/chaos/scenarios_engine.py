@@ -183,7 +183,8 @@ async def postgres_restart(bed: Bed) -> Row:
     """PostgreSQL stopped (fast) for a while under sync and billing load, then started."""
     row = Row("postgres_restart", POSTGRES_TARGET)
     n = bed.n(100, 20)
-    down_s = bed.t(10, 3)
+    # Long enough for billing's default three attempts (1 s, 2 s apart) to run out.
+    down_s = bed.t(10, 6)
     svc = await bed.service("a")
     await bed.network(svc)
     sim = bed.sims[0]
@@ -233,8 +234,8 @@ async def postgres_restart(bed: Bed) -> Row:
         await bed.pg.stop("fast")
         window["down"] = True
         await asyncio.sleep(down_s)
+        await bed.pg.start()  # waits until it accepts connections: "starting up" is probed
         window["down"] = False
-        await bed.pg.start()
         ready = time.monotonic()
         # A change made the moment PostgreSQL is back must reach the router in time.
         target = ids[1]
@@ -269,7 +270,7 @@ async def postgres_restart(bed: Bed) -> Row:
     row.false_statuses = wrong
     row.stalls = 0 if resume is not None and resume <= 10 else 1
     row.measured = (
-        f"down {down_s:.0f} s: {dead_new} dead-lettered, API while down "
+        f"down {down_s:.0f} s: {dead_new} dead-lettered, API while down or starting "
         + ", ".join(f"{s or 'no answer'} x{c}" for s, c in sorted(answers.items()))
         + (f", resumed {resume:.1f} s after ready" if resume is not None else ", never resumed")
     )

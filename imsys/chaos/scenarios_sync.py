@@ -10,6 +10,7 @@ from imsys.chaos.bed import Bed
 from imsys.chaos.process import must
 from imsys.chaos.report import Row
 from imsys.sim.routeros import RouterOSSimulator
+from imsys.sim.routeros_state import Write
 
 SIGSTOP_TARGET = "0 overlapping, 0 false statuses, 0 lost"
 ROUTER_EMPTY_TARGET = "healed ≤ 60 s (short: 20 s), 0 false statuses"
@@ -120,17 +121,26 @@ async def redis_empty(bed: Bed) -> Row:
 
 
 async def sigstop(bed: Bed) -> Row:
-    """Process A holds jobs stuck on a slow router, is SIGSTOPped past claim_idle_s while
-    B takes them over, then continues."""
+    """Process A holds jobs on a stalled router; when the router answers, A reads every
+    subscriber's state and is SIGSTOPped at its first write (a stale plan in hand) past
+    claim_idle_s while B takes the jobs over; then A continues."""
     row = Row("sigstop", SIGSTOP_TARGET)
     n = bed.n(50, 20)
-    stop_s = bed.t(20, 4)
+    stop_s = bed.t(20, 6)
     slow = "60"
     a = await bed.service("a", IMSYS_SYNC__ROUTER_TIMEOUT_S=slow)
     await bed.network(a, max_concurrency=50)
     sim = bed.sims[0]
     sim.stall()
     ids = await bed.subscribers(a, n, "st")
+    stopped_at: list[float] = []
+
+    def stop_a_at_first_write(_write: Write) -> bool:
+        if not stopped_at:
+            a.signal(signal.SIGSTOP)  # in the router's own write path: A is frozen mid-plan
+            stopped_at.append(time.monotonic())
+        return False  # never drop a reply: this only watches
+
     r = bed.redis.client()
     try:
 
@@ -139,18 +149,26 @@ async def sigstop(bed: Bed) -> Row:
             return int(info["pending"]) >= n and len(sim.commands) > 0
 
         await must(held, 30, f"process A never held {n} jobs")
+        a_conns = sim.connections  # every connection so far is A's (B is not started)
         b = await bed.service("b", IMSYS_SYNC__ROUTER_TIMEOUT_S=slow)
         base = len(sim.commands)
-        a.signal(signal.SIGSTOP)
+        sim.drop_after_write(n=10**9, on_item=stop_a_at_first_write)
         sim.unstall()
-        await asyncio.sleep(stop_s)
+
+        async def a_stopped() -> bool:
+            return bool(stopped_at)
+
+        await must(a_stopped, 30, "process A never wrote to the router")
+        await asyncio.sleep(max(0.0, stop_s - (time.monotonic() - stopped_at[0])))
         healed_while_stopped, _, _ = await bed.truth(ids, sim)
+        resumed_at = len(sim.commands)
         a.signal(signal.SIGCONT)
         took = await _all_healed(bed, ids, sim, bed.t(30, 15))
         # A's stale work, if it has any, happens within a few seconds of SIGCONT.
         await asyncio.sleep(bed.t(5, 3))
     finally:
         await r.aclose()
+        sim.reset_faults()
     adds = _adds_per_name(sim)
     overlap = sum(1 for c in adds.values() if c > 1)
     stale_adds = sum(c - 1 for c in _adds_per_name(sim, base).values() if c > 1)
@@ -165,6 +183,24 @@ async def sigstop(bed: Bed) -> Row:
     )
     if stale_adds:
         row.notes.append(f"{stale_adds} repeated add commands reached the router")
+    from_a = [
+        c
+        for c in sim.commands[resumed_at:]
+        if c.connection <= a_conns and c.words[0].endswith(("/add", "/set", "/remove"))
+    ]
+    twice = [name for name, c in adds.items() if c > 1]
+    if twice:
+        where = [
+            (i, c.connection)
+            for i, c in enumerate(sim.commands)
+            if c.words[0] == "/ppp/secret/add" and f"=name={twice[0]}" in c.words
+        ]
+        row.notes.append(
+            f"e.g. {twice[0]} added as (command #, connection) {where}; A's connections "
+            f"1-{a_conns}; B started at #{base}, A continued at #{resumed_at}"
+        )
+    if from_a:
+        row.notes.append(f"A sent {len(from_a)} router writes after SIGCONT on its old connections")
     row.ok = took is not None and overlap == 0 and dups == 0 and false == 0 and healed == n
     row.notes.append(f"B alive at the end: {b.alive}")
     return row

@@ -18,6 +18,7 @@ from imsys import intents
 from imsys.billing import domain as billing_domain
 from imsys.bouncer import domain as bouncer_domain
 from imsys.db import connect_pool
+from imsys.db import translate_error as translate_db_error
 from imsys.demo import Demo
 from imsys.deps import Deps
 from imsys.events import domain as events_domain
@@ -52,6 +53,7 @@ def build_deps(
 ) -> Deps:
     """The dependencies with every domain registered; the caller closes http and routers."""
     engine = Engine(redis, settings, Registry(), consumer=consumer)
+    engine.add_error_translator(translate_db_error)
     deps = Deps(
         settings=settings,
         redis=redis,

@@ -132,8 +132,12 @@ class Bed:
         self.services.append(svc)
         return await svc.start(wait=start)
 
-    async def new_sim(self, port: int = 0) -> RouterOSSimulator:
+    async def new_sim(self, port: int = 0, uptime: str | None = "3d") -> RouterOSSimulator:
+        """A simulated router; by default one that has been up for days, as a router in
+        service is (a fresh boot is `uptime=None`)."""
         sim = RouterOSSimulator(username=ROUTER_USER, password=ROUTER_PASSWORD)
+        if uptime is not None:
+            sim.set_resource(uptime=uptime)
         for profile in PROFILES:
             sim.add_item("/ppp/profile", name=profile)
             sim.add_item("/ip/hotspot/user/profile", name=profile)

@@ -64,7 +64,7 @@ async def router_empty(bed: Bed) -> Row:
     await sim.stop()
     bed.sims.remove(sim)
     await asyncio.sleep(0.5)
-    fresh = await bed.new_sim(port)
+    fresh = await bed.new_sim(port, uptime=None)  # just booted, nothing configured
     bed.sims.append(fresh)
     took = await _all_healed(bed, ids, fresh, bed.t(60, 20))
     healed, false, dups = await bed.truth(ids, fresh)

@@ -129,14 +129,15 @@ async def _take_over(redis: Redis, engine: Engine, entry_id: str, thief: str = "
 async def test_a_stale_delivery_is_fenced_out_and_settles_nothing(
     redis: Redis, settings: Settings
 ) -> None:
-    """Once another process claimed the entry, ``ensure_current`` raises FencedOut, the
-    side effect after it never happens, and the entry stays the new owner's to settle."""
+    """A process that stalled past claim_idle_s while another claimed its entry: the
+    next ``ensure_current`` raises FencedOut, the side effect after it never happens, and
+    the entry stays the new owner's to settle."""
     effects: list[int] = []
     claimed = asyncio.Event()
     outcome: list[str] = []
 
     async def handle(job: Job[Item]) -> None:
-        await job.ensure_current()  # still ours here
+        await job.ensure_current()  # fresh claim: passes without asking Redis
         await claimed.wait()
         try:
             await job.ensure_current()
@@ -150,19 +151,43 @@ async def test_a_stale_delivery_is_fenced_out_and_settles_nothing(
     consumer = engine.consumers["billing"]
     entry = (await engine.producer.enqueue("billing", "item", {"n": 1})).entry_id
     await consumer.dispatch(await consumer.read(10, 10))
-    await asyncio.sleep(0.05)
-    await _take_over(redis, engine, entry)
+    # No heartbeat runs here: the claim goes idle as under SIGSTOP, and recovery elsewhere
+    # takes it exactly as XAUTOCLAIM would.
+    await asyncio.sleep(settings.engine.claim_idle_s + 0.1)
+    key = engine.keys.stream("billing")
+    min_idle = int(settings.engine.claim_idle_s * 1000)
+    assert await redis.xautoclaim(key, GROUP, "thief", min_idle, justid=True) == [entry]
     claimed.set()
     while consumer.running:
         await asyncio.sleep(0.01)
     await consumer.flush()
 
     assert effects == []
-    assert "claimed by thief (delivery 2)" in outcome[0]
-    pending = await redis.xpending_range(engine.keys.stream("billing"), GROUP, "-", "+", 10)
+    assert "another process claimed it" in outcome[0]
+    pending = await redis.xpending_range(key, GROUP, "-", "+", 10)
     assert [(p["message_id"], p["consumer"]) for p in pending] == [(entry, "thief")]
     assert await dead_letters(engine) == []
     assert await redis.zcard(engine.keys.delayed("billing")) == 0
+
+
+async def test_a_slow_job_that_still_holds_its_claim_stays_current(
+    redis: Redis, settings: Settings
+) -> None:
+    """A job past its fresh-claim window whose claim nobody took is confirmed by Redis
+    (and its claim refreshed): ``ensure_current`` passes and the job finishes."""
+    effects: list[int] = []
+
+    async def handle(job: Job[Item]) -> None:
+        await asyncio.sleep(settings.engine.claim_idle_s * 0.6)
+        await job.ensure_current()
+        effects.append(job.payload.n)
+
+    engine = make_engine(redis, settings, handle)
+    await engine.prepare()
+    await engine.producer.enqueue("billing", "item", {"n": 1})
+    await process_all(engine)
+    assert effects == [1]
+    assert await redis.xlen(engine.keys.stream("billing")) == 0
 
 
 async def test_heartbeat_cancels_a_handler_whose_claim_was_lost_and_the_slot_goes_on(

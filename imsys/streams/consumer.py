@@ -207,9 +207,14 @@ class StreamConsumer:
 
     async def read(self, count: int, block_ms: int | None) -> list[Entry]:
         """New entries for this consumer; undecodable ones are set aside for the dead letters."""
+        sent = time.monotonic()
         raw = await xreadgroup_raw(self.redis, GROUP, self.consumer, self.key, count, block_ms)
         good, bad = decode_entries(raw)
         self._malformed += bad
+        # Redis delivered them (and reset their idle time) after we asked: their claims
+        # are fresh from ``sent`` on, at the latest.
+        for eid, _ in good:
+            self._claimed_at[eid] = sent
         return good
 
     async def dead_letter_malformed(self) -> None:
@@ -248,21 +253,19 @@ class StreamConsumer:
             if dropped:
                 self.log.info("duplicates_dropped", count=len(dropped))
         buffered = {eid for eid, _ in self._buffer} if recovered else set()
-        now = time.monotonic()
         for entry in entries:
             # Recovery can hand back an entry this process still runs (its claim went idle
             # while the loop was stalled): one run of it is enough, and that run now holds
-            # the new delivery (its fence follows).
+            # the new delivery (recovery renewed its claim time).
             eid = entry[0]
             if eid in self.running or eid in buffered:
                 job = self._jobs.get(eid)
                 if job is not None and eid in self._deliveries:
                     job.delivery = self._deliveries.pop(eid)
-                self._claimed_at[eid] = now
                 continue
             if eid in dropped:
+                self._claimed_at.pop(eid, None)
                 continue
-            self._claimed_at[eid] = now
             if len(self.running) < self.policy.concurrency:
                 self._start(*entry)
             else:
@@ -372,26 +375,45 @@ class StreamConsumer:
             delay = defer if defer is not None else self.policy.retry_delay(job.attempt)
             await self._settle(self._retry(job, exc, started, delay=delay))
 
-    async def _fence(self, job: Job[Any]) -> None:
-        """Raise FencedOut unless this delivery still holds the entry's claim.
+    def _claim_fresh(self, entry_id: str) -> bool:
+        """True while nobody can have claimed the entry: too little time has passed.
 
-        The claim is Redis's own record: the pending entry's owner and delivery count.
-        Another process's claim changes both; our heartbeat changes neither.
+        Another process claims an entry only once it sat idle ``claim_idle_s`` in Redis.
+        Its idle time restarted when it was delivered or claimed to us, or refreshed by a
+        heartbeat, each no earlier than we sent that command. Half the idle limit is
+        the margin (clock rates, a loop turn late).
         """
+        start = max(self._claimed_at.get(entry_id, 0.0), self._refreshed_at)
+        return (
+            entry_id not in self._lost and time.monotonic() - start < self.engine.claim_idle_s / 2
+        )
+
+    async def _fence(self, job: Job[Any]) -> None:
+        """Raise FencedOut unless this process still holds the entry's claim.
+
+        While the claim is fresh this returns without awaiting anything, so the side
+        effect that follows goes out in the same step (a process frozen in between would
+        need to stop within those microseconds). Otherwise (this process stalled) it asks
+        Redis, refreshing the claim when it is still ours, in one atomic script.
+        """
+        if self._claim_fresh(job.id):
+            return
+        sent = time.monotonic()
         try:
-            rows = await self.redis.xpending_range(self.key, GROUP, min=job.id, max=job.id, count=1)
+            lost = as_str_list(
+                await self.scripts.heartbeat(keys=[self.key], args=[GROUP, self.consumer, job.id])
+            )
         except REDIS_DOWN as exc:
             raise Unavailable(
-                f"Redis unavailable: cannot confirm the claim: {exc}", delay=1.0
+                f"Redis unavailable: cannot confirm the claim: {redact_text(str(exc))}", delay=1.0
             ) from exc
-        if not rows:
-            raise FencedOut(f"entry {job.id} is no longer pending: another process settled it")
-        owner, count = as_text(rows[0]["consumer"]), int(rows[0]["times_delivered"])
-        if owner != self.consumer or count != job.delivery:
+        if lost:
+            self._lost.add(job.id)
             raise FencedOut(
-                f"entry {job.id} was claimed by {owner} (delivery {count}); "
-                f"this is delivery {job.delivery}"
+                f"entry {job.id} is no longer this process's: another process claimed it "
+                "while this one stalled"
             )
+        self._claimed_at[job.id] = sent
 
     async def _settle(self, step: Awaitable[None]) -> None:
         # Shielded: a shutdown cancel must not cut a script in half-sent.
@@ -644,6 +666,7 @@ class StreamConsumer:
             free = self.policy.concurrency - len(self.running) - len(self._buffer)
             if free <= 0:
                 break
+            sent = time.monotonic()
             raw = await eval_raw(
                 self.redis,
                 self.scripts.recover,
@@ -668,6 +691,7 @@ class StreamConsumer:
                     await self._dead(eid, fields, exc, None)
                 else:
                     self._deliveries[eid] = int(deliveries)
+                    self._claimed_at[eid] = sent
                     entries.append((eid, fields))
             if entries:
                 claimed += len(entries)

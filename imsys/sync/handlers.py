@@ -15,7 +15,7 @@ import structlog
 from pydantic import BaseModel, Field
 
 from imsys.deps import Deps
-from imsys.errors import Deferred, PermanentError, RetryableError
+from imsys.errors import Deferred, FencedOut, PermanentError, RetryableError
 from imsys.routeros import RouterSession, RouterTarget, RouterUnavailable
 from imsys.streams.job import Job
 from imsys.sync import repo
@@ -148,8 +148,11 @@ class Auditor:
     async def run(
         self, action: str, detail: dict[str, Any], command: Callable[[], Awaitable[T]]
     ) -> T:
-        """Check the fence, write the intent, send ``command``, complete the rows."""
-        await self.job.ensure_current()
+        """Write the intent, check the fence, send ``command``, complete the rows.
+
+        The fence comes last before the command: while the claim is fresh it passes
+        without awaiting anything, so nothing stands between it and the write.
+        """
         ids = await repo.audit_intent(
             self.deps.db,
             correlations=self.correlations,
@@ -161,7 +164,11 @@ class Auditor:
             detail=detail,
         )
         try:
+            await self.job.ensure_current()
             result = await command()
+        except FencedOut:
+            await repo.audit_withdraw(self.deps.db, ids)  # nothing was sent
+            raise
         except RouterUnavailable as exc:
             outcome = "unknown: connection lost after sending" if exc.maybe_applied else "failed"
             await repo.audit_outcome(self.deps.db, ids, f"{outcome}: {exc}")

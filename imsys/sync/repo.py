@@ -227,6 +227,11 @@ async def audit_outcome(conn: Executor, ids: list[int], outcome: str) -> None:
     )
 
 
+async def audit_withdraw(conn: Executor, ids: list[int]) -> None:
+    """Remove intent rows whose command was never sent (the job is another's now)."""
+    await conn.execute("DELETE FROM audit_log WHERE id = ANY($1::bigint[])", ids)
+
+
 def reconcile_job_id(router_id: int) -> str:
     """The job id of a router's reconciliation: the timer's and a heal's dedupe."""
     return f"sync_router:{router_id}"

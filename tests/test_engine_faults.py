@@ -408,3 +408,55 @@ async def test_a_new_redis_server_makes_every_stream_republish(
     engine._redis_run_id = "0" * 40  # as if the server we knew had been another
     assert await engine.check_redis_server() is True
     assert sorted(called) == sorted(engine.consumers)
+
+
+async def test_after_a_stall_the_claim_needs_confirming_before_a_write(
+    redis: Redis, settings: Settings
+) -> None:
+    """Once the process was stopped (SIGCONT marks it), ``check_claim`` refuses until
+    ``ensure_current`` confirmed the claim with Redis again; then it passes."""
+    outcomes: list[str] = []
+
+    async def handle(job: Job[Item]) -> None:
+        job.check_claim()
+        outcomes.append("fresh")
+        engine.consumers["billing"].stalled()
+        try:
+            job.check_claim()
+        except FencedOut:
+            outcomes.append("refused after the stall")
+        await job.ensure_current()
+        job.check_claim()
+        outcomes.append("confirmed")
+
+    engine = make_engine(redis, settings, handle)
+    await engine.prepare()
+    await engine.producer.enqueue("billing", "item", {"n": 1})
+    await process_all(engine)
+    assert outcomes == ["fresh", "refused after the stall", "confirmed"]
+    assert await redis.xlen(engine.keys.stream("billing")) == 0
+
+
+async def test_a_job_fenced_out_by_a_stall_nobody_used_runs_again(
+    redis: Redis, settings: Settings
+) -> None:
+    """A FencedOut from a stall while the entry is still this process's moves it back to
+    the stream without spending an attempt (the retry script checks ownership), and it
+    runs to the end."""
+    runs: list[int] = []
+
+    async def handle(job: Job[Item]) -> None:
+        runs.append(job.attempt)
+        if len(runs) == 1:
+            engine.consumers["billing"].stalled()
+            job.check_claim()
+
+    engine = make_engine(redis, settings, handle)
+    await engine.prepare()
+    await engine.producer.enqueue("billing", "item", {"n": 1})
+    await process_all(engine)
+    await engine.promote_once()
+    await process_all(engine)
+    assert runs == [1, 1]
+    assert await dead_letters(engine) == []
+    assert await redis.xlen(engine.keys.stream("billing")) == 0

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from imsys.errors import PermanentError, RetryableError
+from imsys.errors import FencedOut, PermanentError, RetryableError
 from imsys.routeros import (
     AlreadyExists,
     InvalidValue,
@@ -102,6 +102,31 @@ async def test_add_set_remove_round_trip(sim: RouterOSSimulator, pool: RouterPoo
         await ros.remove("/queue/simple", new_id)
     assert sim.items("/queue/simple") == []
     assert sim.writes["/queue/simple"] == 3
+
+
+async def test_a_refusing_guard_stops_the_write_before_a_byte_leaves(
+    sim: RouterOSSimulator, pool: RouterPool
+) -> None:
+    """A session's guard runs in the step that sends each write: when it raises, the
+    router receives nothing, the caller gets the guard's own error, reads still pass,
+    and the connection stays in use."""
+    refuse = True
+
+    def guard() -> None:
+        if refuse:
+            raise FencedOut("claim lost")
+
+    async with pool.session(target_for(sim)) as ros:
+        ros.guard = guard
+        with pytest.raises(FencedOut):
+            await ros.add("/ppp/secret", {"name": "stale"})
+        assert await ros.print("/ppp/secret") == []
+        refuse = False
+        await ros.add("/ppp/secret", {"name": "fresh"})
+    assert [row["name"] for row in sim.items("/ppp/secret")] == ["fresh"]
+    assert sim.writes["/ppp/secret"] == 1
+    assert [r.command for r in sim.commands].count("/ppp/secret/add") == 1
+    assert sim.connections == 1  # the refused write did not cost the connection
 
 
 async def test_values_come_back_as_the_strings_sent(

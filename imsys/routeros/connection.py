@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -17,6 +17,7 @@ import librouteros
 import structlog
 from librouteros.api import AsyncApi
 from librouteros.exceptions import ConnectionClosed, FatalError
+from librouteros.protocol import encode_sentence
 
 from imsys.routeros.errors import (
     RouterAuthError,
@@ -48,6 +49,14 @@ class Reply:
     traps: list[dict[str, str]]
 
 
+class _Refused(Exception):
+    """A send's guard refused the command; carries the guard's own exception."""
+
+    def __init__(self, reason: Exception) -> None:
+        super().__init__(str(reason))
+        self.reason = reason
+
+
 class _LoginRefused(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -72,8 +81,24 @@ class RawApi(AsyncApi):  # type: ignore[misc]  # librouteros ships no type infor
         reply_word, words = await self.protocol.readSentence()
         return reply_word, dict(_split_word(word) for word in words)
 
-    async def send(self, command: str, words: Sequence[str]) -> None:
-        await self.protocol.writeSentence(command, *words)
+    async def send(
+        self, command: str, words: Sequence[str], guard: Callable[[], None] | None = None
+    ) -> None:
+        """Write one sentence; ``guard`` runs just before the bytes reach the socket.
+
+        librouteros's own writeSentence hands the write to a task of its own
+        (``asyncio.wait_for``), a loop turn later; this writes in the caller's step, so
+        nothing runs between the guard and the write.
+        """
+        encoded = encode_sentence(command, *words, encoding=self.protocol.encoding)
+        writer = self.protocol.transport.writer
+        if guard is not None:
+            try:
+                guard()
+            except Exception as exc:
+                raise _Refused(exc) from exc
+        writer.write(encoded)
+        await writer.drain()
 
     async def read_reply(self) -> Reply:
         rows: list[dict[str, str]] = []
@@ -207,9 +232,17 @@ class Connection:
 
     # -- commands -------------------------------------------------------------------
 
-    async def run(self, command: str, words: Sequence[str], *, write: bool) -> Reply:
+    async def run(
+        self,
+        command: str,
+        words: Sequence[str],
+        *,
+        write: bool,
+        guard: Callable[[], None] | None = None,
+    ) -> Reply:
         """Send one command and read its reply; traps become RouterTrap, anything else
-        that goes wrong RouterUnavailable (and the connection is discarded)."""
+        that goes wrong RouterUnavailable (and the connection is discarded). ``guard``
+        may refuse the command (by raising) in the same step that sends it."""
         _check_sentence(command, words)
         if self.broken:
             raise RuntimeError("command on a discarded connection")
@@ -219,8 +252,11 @@ class Connection:
                 # Set before writing: a write that fails half-way may still have reached
                 # the router whole.
                 sent = True
-                await self._api.send(command, words)
+                await self._api.send(command, words, guard)
                 reply = await self._api.read_reply()
+        except _Refused as refused:
+            # The guard said no before a byte left: the connection is as good as before.
+            raise refused.reason from None
         except BaseException as exc:
             self._failed(command, exc, maybe_applied=write and sent)
             raise

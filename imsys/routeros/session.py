@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import structlog
@@ -47,6 +47,9 @@ class RouterSession:
         self._lease = lease
         # One connection carries one command at a time; tasks sharing a session queue.
         self._lock = asyncio.Lock()
+        # Runs in the same step as each write is sent, and may refuse it by raising
+        # (a job's fence: ``Job.check_claim``).
+        self.guard: Callable[[], None] | None = None
         self._ended = False
 
     def end(self) -> None:
@@ -57,7 +60,8 @@ class RouterSession:
             if self._ended:
                 raise RuntimeError("this RouterSession has ended; open another from the pool")
             connection = await self._lease.connection()
-            return await connection.run(command, words, write=write)
+            guard = self.guard if write else None
+            return await connection.run(command, words, write=write, guard=guard)
 
     # -- generic --------------------------------------------------------------------
 

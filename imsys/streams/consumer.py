@@ -120,6 +120,8 @@ class StreamConsumer:
     _lost: set[str] = field(default_factory=set)
     # When the last heartbeat that refreshed every claim of ours was sent.
     _refreshed_at: float = 0.0
+    # Claims confirmed before this moment are not fresh (set when the process was frozen).
+    _not_before: float = 0.0
     # Jobs deferred in a row because PostgreSQL or Redis was away (sets their delay).
     _infra_failures: int = 0
 
@@ -309,6 +311,7 @@ class StreamConsumer:
             job.report = self._report_progress
             job.delivery = self._deliveries.pop(entry_id, 1)
             job.fence = self._fence
+            job.claim_check = self._claim_check
             self._jobs[entry_id] = job
             try:
                 await reg.handler(job)
@@ -356,8 +359,11 @@ class StreamConsumer:
     async def _failed(self, job: Job[Any], exc: Exception, started: float) -> None:
         entry_id, fields = job.id, job.fields
         if isinstance(exc, FencedOut):
-            # Another process holds this job now: nothing of ours may settle it.
+            # Most likely another process holds this job now, and then nothing of ours may
+            # settle it: the retry script moves the entry only while it is still ours (a
+            # stall nobody used), and then it runs again at once.
             self.log.warning("job_fenced_out", entry_id=entry_id, type=job.type, error=str(exc))
+            await self._settle(self._retry(job, exc, started, delay=0.0, deferred=True))
         elif isinstance(exc, Unavailable):
             # Not the job's fault: it waits without spending an attempt, however long.
             self._infra_failures += 1
@@ -385,8 +391,23 @@ class StreamConsumer:
         """
         start = max(self._claimed_at.get(entry_id, 0.0), self._refreshed_at)
         return (
-            entry_id not in self._lost and time.monotonic() - start < self.engine.claim_idle_s / 2
+            entry_id not in self._lost
+            and start >= self._not_before
+            and time.monotonic() - start < self.engine.claim_idle_s / 2
         )
+
+    def _claim_check(self, job: Job[Any]) -> None:
+        if not self._claim_fresh(job.id):
+            raise FencedOut(
+                f"entry {job.id}: the claim is not confirmed since this process stalled"
+            )
+
+    def stalled(self) -> None:
+        """This process was frozen (SIGCONT came): no claim counts as fresh any more.
+
+        Safe from a signal handler: one float assignment.
+        """
+        self._not_before = time.monotonic()
 
     async def _fence(self, job: Job[Any]) -> None:
         """Raise FencedOut unless this process still holds the entry's claim.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -236,6 +237,7 @@ class Engine:
                 for t in self.timers
             ),
         ]
+        self._watch_for_stalls()
         self.ready.set()
         log.info(
             "engine_started",
@@ -263,6 +265,23 @@ class Engine:
             t.cancel()
         await self._forget_process()
         log.info("engine_stopped", drained=sum(drained))
+
+    def _watch_for_stalls(self) -> None:
+        """On SIGCONT (the process was stopped), every claim needs confirming again.
+
+        A Python-level handler, not the loop's: it runs at the next bytecode, before the
+        loop could send a write a stale claim no longer covers. Only the main thread may
+        set it; elsewhere (tests' threads) claim times alone bound the staleness.
+        """
+
+        def resumed(_signum: int, _frame: object) -> None:
+            for c in self.consumers.values():
+                c.stalled()
+
+        try:
+            signal.signal(signal.SIGCONT, resumed)
+        except ValueError:
+            pass
 
     def stop(self) -> None:
         """Idempotent; safe to call from a signal handler."""

@@ -40,6 +40,8 @@ class Job(Generic[P]):
     delivery: int = 1
     # Set by the engine: raises FencedOut when this delivery is no longer the current one.
     fence: Callable[[Job[Any]], Awaitable[None]] | None = field(default=None, repr=False)
+    # Set by the engine: the synchronous half of the fence (see ``check_claim``).
+    claim_check: Callable[[Job[Any]], None] | None = field(default=None, repr=False)
 
     async def ensure_current(self) -> None:
         """Raise ``FencedOut`` unless this process still holds this delivery's claim.
@@ -52,6 +54,16 @@ class Job(Generic[P]):
         """
         if self.fence is not None:
             await self.fence(self)
+
+    def check_claim(self) -> None:
+        """Raise ``FencedOut`` unless the claim is provably still this process's, without
+        awaiting anything (so an adapter can call it in the very step that sends a write).
+
+        It passes right after ``ensure_current``; it fails once this process has stalled
+        since (a freeze, a SIGSTOP), whether or not another process took the job.
+        """
+        if self.claim_check is not None:
+            self.claim_check(self)
 
     async def progress(self, done: int, total: int | None = None, note: str | None = None) -> None:
         """Publish how far this job has come (shown by ``GET /api/queues`` and ``queues``)."""

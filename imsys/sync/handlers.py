@@ -71,10 +71,14 @@ def router_target(deps: Deps, row: Any) -> RouterTarget:
 
 
 @asynccontextmanager
-async def router_session(deps: Deps, router: Any) -> AsyncIterator[RouterSession]:
+async def router_session(
+    deps: Deps, router: Any, job: Job[Any] | None = None
+) -> AsyncIterator[RouterSession]:
     """A session to ``router`` under its cross-process limit and its circuit breaker.
 
-    An unreachable router opens its circuit and defers the job (no attempt spent).
+    An unreachable router opens its circuit and defers the job (no attempt spent). With
+    ``job``, every write is refused in the very step it would be sent once the job's
+    claim is no longer provably this process's (``Job.check_claim``).
     """
     router_id = router["id"]
     await deps.circuit.check(router_id)
@@ -83,6 +87,8 @@ async def router_session(deps: Deps, router: Any) -> AsyncIterator[RouterSession
             deps.engine.limiter.slot(f"router:{router_id}", router["max_concurrency"]),
             deps.routers.session(router_target(deps, router)) as ros,
         ):
+            if job is not None:
+                ros.guard = job.check_claim
             yield ros
     except RouterUnavailable as exc:
         cooldown = await deps.circuit.failure(router_id)
@@ -231,7 +237,7 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
     )
     kicked = False
     try:
-        async with router_session(deps, router) as ros:
+        async with router_session(deps, router, job) as ros:
             managed = await read_managed(ros, tag, sub.id)
             steps = plan(sub.desired, managed, tag)
             if steps.add is not None:

@@ -172,7 +172,7 @@ async def sync_router(deps: Deps, job: Job[RouterJob]) -> None:
             router_id=router["id"],
             subscriber_id=None,
         )
-        async with router_session(deps, router) as ros:
+        async with router_session(deps, router, job) as ros:
             for menu, item_id, name in result.orphans:
                 await audit.run(
                     f"remove {menu}",

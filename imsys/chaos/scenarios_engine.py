@@ -196,8 +196,11 @@ async def postgres_restart(bed: Bed) -> Row:
     await must(healed, bed.t(60, 30), "initial sync never finished")
     raw = bed.redis.client(decode=False)
     periods: list[str] = []
-    answers: Counter[int] = Counter()
-    window = {"down": False}
+    answers: Counter[tuple[str, int]] = Counter()
+    # "down" while stopped, "starting" while it starts (it may answer before pg_ctl says
+    # so), "" otherwise; a request counts in a phase it began and ended in.
+    window = {"phase": ""}
+    wrong_answers: list[int] = []
     stop = asyncio.Event()
 
     async def load() -> None:
@@ -223,10 +226,13 @@ async def postgres_restart(bed: Bed) -> Row:
         while not stop.is_set():
             # Only a request that began and ended inside the outage must be a 503: one
             # begun just before the stop, or answered just after the start, may be a 200.
-            began_down = window["down"]
+            began = window["phase"]
             status, _ = await bed.call(svc, "GET", f"/api/subscribers/{ids[0]}")
-            if began_down and window["down"]:
-                answers[status] += 1
+            if began and window["phase"] == began:
+                answers[began, status] += 1
+                # Down: only 503 is honest. Starting: 503 until it serves, then 200.
+                if status != 503 and not (began == "starting" and status == 200):
+                    wrong_answers.append(status)
             await asyncio.sleep(0.25)
 
     dead_before = len(await bed.dead())
@@ -235,10 +241,11 @@ async def postgres_restart(bed: Bed) -> Row:
     try:
         await asyncio.sleep(1)
         await bed.pg.stop("fast")
-        window["down"] = True
+        window["phase"] = "down"
         await asyncio.sleep(down_s)
+        window["phase"] = "starting"
         await bed.pg.start()  # waits until it accepts connections: "starting up" is probed
-        window["down"] = False
+        window["phase"] = ""
         ready = time.monotonic()
         # A change made the moment PostgreSQL is back must reach the router in time.
         target = ids[1]
@@ -268,13 +275,13 @@ async def postgres_restart(bed: Bed) -> Row:
     runs = await _runs(bed, periods)
     await raw.aclose()
     dead_new = len(await bed.dead()) - dead_before
-    wrong = sum(c for s, c in answers.items() if s != 503)
+    wrong = len(wrong_answers)
     row.lost = dead_new + max(0, len(periods) - runs)
     row.false_statuses = wrong
     row.stalls = 0 if resume is not None and resume <= 10 else 1
     row.measured = (
-        f"down {down_s:.0f} s: {dead_new} dead-lettered, API while down or starting "
-        + ", ".join(f"{s or 'no answer'} x{c}" for s, c in sorted(answers.items()))
+        f"down {down_s:.0f} s: {dead_new} dead-lettered, API "
+        + ", ".join(f"{p} {s or 'no answer'} x{c}" for (p, s), c in sorted(answers.items()))
         + (f", resumed {resume:.1f} s after ready" if resume is not None else ", never resumed")
     )
     row.ok = row.lost == 0 and wrong == 0 and row.stalls == 0

@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
     c.add_argument("--json", action="store_true", help="one JSON object per row")
     c.add_argument("--keep", action="store_true", help="keep the temp folder with every log")
+    c.add_argument(
+        "--postgres-down",
+        type=float,
+        metavar="SECONDS",
+        help="how long postgres_restart keeps PostgreSQL stopped (default 10, short 6)",
+    )
     return p
 
 
@@ -302,7 +308,13 @@ def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
 def cmd_chaos(_settings: Settings, args: argparse.Namespace) -> int:
     from imsys.chaos.runner import main as chaos_main
 
-    return chaos_main(args.only, short=args.short, as_json=args.json, keep=args.keep)
+    return chaos_main(
+        args.only,
+        short=args.short,
+        as_json=args.json,
+        keep=args.keep,
+        postgres_down_s=args.postgres_down,
+    )
 
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {

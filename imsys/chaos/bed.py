@@ -32,8 +32,9 @@ def _b(value: bytes | str) -> bytes:
 class Bed:
     """Everything one chaos run owns. Each scenario gets a fresh database and an empty Redis."""
 
-    def __init__(self, root: Path, *, short: bool) -> None:
+    def __init__(self, root: Path, *, short: bool, postgres_down_s: float | None = None) -> None:
         self.root, self.short = root, short
+        self.postgres_down_s = postgres_down_s
         self.reaper = Reaper()
         self.redis = PrivateRedis(root, self.reaper)
         self.pg = PrivatePostgres(root, self.reaper)

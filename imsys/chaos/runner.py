@@ -68,10 +68,15 @@ def _quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -
 
 
 async def run(
-    names: list[str], *, short: bool, emit: Callable[[Row], None], keep: bool = False
+    names: list[str],
+    *,
+    short: bool,
+    emit: Callable[[Row], None],
+    keep: bool = False,
+    postgres_down_s: float | None = None,
 ) -> list[Row]:
     root = Path(tempfile.mkdtemp(prefix="imsys-chaos-"))
-    bed = Bed(root, short=short)
+    bed = Bed(root, short=short, postgres_down_s=postgres_down_s)
     atexit.register(bed.reaper.reap)
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -86,7 +91,8 @@ async def run(
         except ChaosSetupError as exc:
             return [Row(n, SCENARIOS[n][1], ok=None, skipped=str(exc)) for n in names]
         for name in names:
-            row = await _run_one(bed, name, 75.0 if short else 360.0)
+            limit = (75.0 if short else 360.0) + (postgres_down_s or 0.0)
+            row = await _run_one(bed, name, limit)
             rows.append(row)
             emit(row)
         return rows
@@ -103,7 +109,14 @@ async def run(
                 shutil.rmtree(root, ignore_errors=True)
 
 
-def main(only: list[str] | None, *, short: bool, as_json: bool, keep: bool = False) -> int:
+def main(
+    only: list[str] | None,
+    *,
+    short: bool,
+    as_json: bool,
+    keep: bool = False,
+    postgres_down_s: float | None = None,
+) -> int:
     """The `chaos` command: 0 when no row failed (skipped rows say why), 1 otherwise."""
     # The suite's own log lines (migrations) would drown the table; warnings still show.
     imsys_logging.configure("warning", json=True)
@@ -120,7 +133,9 @@ def main(only: list[str] | None, *, short: bool, as_json: bool, keep: bool = Fal
             print(f"{row.scenario}: {row.ok_text} ({row.measured})", flush=True)
 
     try:
-        rows = asyncio.run(run(names, short=short, emit=emit, keep=keep))
+        rows = asyncio.run(
+            run(names, short=short, emit=emit, keep=keep, postgres_down_s=postgres_down_s)
+        )
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("imsys chaos: interrupted; every process it started was stopped")
         return 130

@@ -184,7 +184,7 @@ async def postgres_restart(bed: Bed) -> Row:
     row = Row("postgres_restart", POSTGRES_TARGET)
     n = bed.n(100, 20)
     # Long enough for billing's default three attempts (1 s, 2 s apart) to run out.
-    down_s = bed.t(10, 6)
+    down_s = bed.postgres_down_s or bed.t(10, 6)
     svc = await bed.service("a")
     await bed.network(svc)
     sim = bed.sims[0]

@@ -117,6 +117,10 @@ class StreamPolicy(BaseModel):
     backoff_factor: float = Field(default=2.0, ge=1)
     backoff_max: float = Field(default=900.0, gt=0)
     jitter: float = Field(default=0.2, ge=0, le=1)
+    # A handler still running after this long is cancelled; the attempt counts and the
+    # job is retried or dead-lettered with reason timeout (a job type may set its own).
+    # Checked at every heartbeat, so a timeout fires up to ``engine.heartbeat_s`` late.
+    job_timeout_s: float = Field(default=300.0, gt=0)
 
     @property
     def read_ahead(self) -> int:
@@ -134,10 +138,12 @@ class StreamPolicy(BaseModel):
 
 def _default_streams() -> dict[str, StreamPolicy]:
     return {
-        "sync": StreamPolicy(concurrency=50, max_attempts=10, backoff=[10, 60, 300, 900]),
-        "billing": StreamPolicy(concurrency=20, max_attempts=3),
-        "events": StreamPolicy(concurrency=20, max_attempts=3),
-        "bouncer": StreamPolicy(concurrency=4, max_attempts=1),
+        "sync": StreamPolicy(
+            concurrency=50, max_attempts=10, backoff=[10, 60, 300, 900], job_timeout_s=300
+        ),
+        "billing": StreamPolicy(concurrency=20, max_attempts=3, job_timeout_s=900),
+        "events": StreamPolicy(concurrency=20, max_attempts=3, job_timeout_s=120),
+        "bouncer": StreamPolicy(concurrency=4, max_attempts=1, job_timeout_s=900),
     }
 
 

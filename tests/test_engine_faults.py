@@ -8,14 +8,15 @@ from typing import Any
 
 import asyncpg
 import orjson
+import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from imsys.db import translate_error
-from imsys.errors import FencedOut
+from imsys.errors import FencedOut, InvalidJob
 from imsys.settings import Settings
 from imsys.streams.engine import Engine
-from imsys.streams.job import Job
+from imsys.streams.job import Job, JobSpec, Registry
 from imsys.streams.keys import GROUP
 from tests.test_engine import Item, dead_letters, make_engine, process_all
 
@@ -460,3 +461,69 @@ async def test_a_job_fenced_out_by_a_stall_nobody_used_runs_again(
     assert runs == [1, 1]
     assert await dead_letters(engine) == []
     assert await redis.xlen(engine.keys.stream("billing")) == 0
+
+
+async def test_a_handler_past_its_timeout_is_retried_then_dead_lettered_while_others_flow(
+    redis: Redis, settings: Settings
+) -> None:
+    """A handler that never returns is cancelled at its job type's timeout; the attempt
+    counts (the job knows its last one), the retry times out too, and the job ends
+    dead-lettered with reason timeout, while the other jobs on the stream run meanwhile
+    and the slot comes free."""
+    done: list[int] = []
+    hung: list[tuple[int, bool]] = []
+
+    async def hang(job: Job[Item]) -> None:
+        hung.append((job.attempt, job.last_attempt))
+        await asyncio.Event().wait()  # never returns
+
+    async def quick(job: Job[Item]) -> None:
+        done.append(job.payload.n)
+
+    registry = Registry()
+    registry.add(JobSpec("billing", "hang", Item, max_attempts=2, timeout_s=0.3), hang)
+    registry.add(JobSpec("billing", "item", Item), quick)
+    engine = Engine(redis, settings, registry, consumer="test-consumer")
+    engine.consumers["billing"].policy.concurrency = 1  # the hung job holds the only slot
+    await engine.prepare()
+    await engine.producer.send(registry.spec("billing", "hang"), {"n": 0})
+    for n in range(1, 4):
+        await engine.producer.send(registry.spec("billing", "item"), Item(n=n))
+    run = asyncio.create_task(engine.run())
+    try:
+        async with asyncio.timeout(15):
+            while await redis.xlen(engine.keys.dead) < 1 or len(done) < 3:
+                await asyncio.sleep(0.05)
+    finally:
+        engine.stop()
+        await run
+    assert hung == [(1, False), (2, True)]
+    assert sorted(done) == [1, 2, 3]
+    (dead,) = await dead_letters(engine)
+    assert dead["type"] == "hang"
+    assert dead["error"] == (
+        "attempts exhausted (2/2): JobTimeout: timeout: still running after 0.3s, cancelled"
+    )
+    assert engine.consumers["billing"].running == {}
+
+
+async def test_a_producer_gets_a_clear_error_for_an_invalid_payload(
+    redis: Redis, settings: Settings
+) -> None:
+    """``send`` validates the payload against the job type's model before enqueueing."""
+
+    async def quick(job: Job[Item]) -> None:
+        pass
+
+    registry = Registry()
+    spec = JobSpec("billing", "item", Item)
+    registry.add(spec, quick)
+    engine = Engine(redis, settings, registry, consumer="test-consumer")
+    await engine.prepare()
+    with pytest.raises(InvalidJob, match="invalid payload for item: n: Input should be a valid"):
+        await engine.producer.send(spec, {"n": "many"})
+    assert await redis.xlen(engine.keys.stream("billing")) == 0
+    sent = await engine.producer.send(spec, {"n": 4})
+    (entry,) = await redis.xrange(engine.keys.stream("billing"))
+    assert entry[0] == sent.entry_id
+    assert (entry[1]["type"], entry[1]["payload"]) == ("item", '{"n":4}')

@@ -63,6 +63,10 @@ class PoisonMessage(PermanentError):
     """The entry was delivered too many times: its process kept dying on it."""
 
 
+class JobTimeout(RetryableError):
+    """The handler ran past its timeout and was cancelled; the attempt counts."""
+
+
 class InvalidEntry(PermanentError):
     """The entry's bytes are not text (its reason names the field)."""
 
@@ -118,6 +122,9 @@ class StreamConsumer:
     _deliveries: dict[str, int] = field(default_factory=dict)
     # Entries whose claim another process took: their handlers are being cancelled.
     _lost: set[str] = field(default_factory=set)
+    # When each running job's timeout expires (monotonic), and those being cancelled.
+    _deadlines: dict[str, float] = field(default_factory=dict)
+    _timed_out: set[str] = field(default_factory=set)
     # When the last heartbeat that refreshed every claim of ours was sent.
     _refreshed_at: float = 0.0
     # Claims confirmed before this moment are not fresh (set when the process was frozen).
@@ -312,15 +319,24 @@ class StreamConsumer:
             job.delivery = self._deliveries.pop(entry_id, 1)
             job.fence = self._fence
             job.claim_check = self._claim_check
+            spec = reg.spec
+            job.max_attempts = spec.max_attempts or self.policy.max_attempts
+            timeout = spec.timeout_s or self.policy.job_timeout_s
+            self._deadlines[entry_id] = time.monotonic() + timeout
             self._jobs[entry_id] = job
             try:
                 await reg.handler(job)
             except asyncio.CancelledError:
-                if entry_id not in self._lost or self._stopping:
+                ours = entry_id in self._lost or entry_id in self._timed_out
+                if not ours or self._stopping:
                     raise
                 # Our cancel, for this job alone: the task goes on with the next entry.
                 task.uncancel()
-                self.log.warning("job_cancelled_claim_lost", entry_id=entry_id, type=type_)
+                if entry_id in self._lost:
+                    self.log.warning("job_cancelled_claim_lost", entry_id=entry_id, type=type_)
+                    return
+                expired = JobTimeout(f"timeout: still running after {timeout:g}s, cancelled")
+                await self._failed(job, expired, started)
                 return
             except Exception as raw:
                 await self._failed(job, self._classify(raw), started)
@@ -335,7 +351,9 @@ class StreamConsumer:
             if self.running.get(entry_id) is task:
                 del self.running[entry_id]
             self._jobs.pop(entry_id, None)
+            self._deadlines.pop(entry_id, None)
             self._lost.discard(entry_id)
+            self._timed_out.discard(entry_id)
             if entry_id not in self._unflushed:
                 self._claimed_at.pop(entry_id, None)
             if entry_id in self._with_progress:
@@ -373,9 +391,11 @@ class StreamConsumer:
             await self._settle(self._retry(job, exc, started, delay=exc.delay, deferred=True))
         elif isinstance(exc, PermanentError):
             await self._settle(self._dead(entry_id, fields, exc, started))
-        elif job.attempt >= self.policy.max_attempts:
+        elif job.last_attempt:
             # Retryable, or a bug nobody classified, on its last attempt.
-            await self._settle(self._dead(entry_id, fields, exc, started, exhausted=True))
+            await self._settle(
+                self._dead(entry_id, fields, exc, started, exhausted=job.max_attempts)
+            )
         else:
             defer = exc.defer if isinstance(exc, RetryableError) else None
             delay = defer if defer is not None else self.policy.retry_delay(job.attempt)
@@ -527,12 +547,13 @@ class StreamConsumer:
         exc: BaseException,
         started: float | None,
         *,
-        exhausted: bool = False,
+        exhausted: int | None = None,
         check_owner: bool = True,
     ) -> None:
+        """Dead-letter the entry; ``exhausted`` is the max attempts its last one reached."""
         error = _error_text(exc)
         if exhausted:
-            attempts = f"{fields.get('attempt', '1')}/{self.policy.max_attempts}"
+            attempts = f"{fields.get('attempt', '1')}/{exhausted}"
             error = f"attempts exhausted ({attempts}): {error}"
         kept = self.registry.masked_fields(self.stream, fields)
         payload = kept.get("payload")
@@ -755,7 +776,25 @@ class StreamConsumer:
             if task is not None and eid in self._jobs and eid not in self._lost:
                 self._lost.add(eid)
                 task.cancel()
+        self.cancel_overdue()
         return lost
+
+    def cancel_overdue(self) -> list[str]:
+        """Cancel the handlers past their timeout (the heartbeat calls this)."""
+        now = time.monotonic()
+        overdue = [
+            eid
+            for eid, deadline in self._deadlines.items()
+            if deadline <= now and eid not in self._timed_out and eid not in self._lost
+        ]
+        for eid in overdue:
+            task = self.running.get(eid)
+            if task is not None:
+                self._timed_out.add(eid)
+                task.cancel()
+        if overdue:
+            self.log.warning("job_timed_out", entry_ids=overdue[:20], count=len(overdue))
+        return overdue
 
     async def promote_once(self, limit: int = 1000) -> int:
         """Move due delayed jobs back onto the stream (atomic per batch)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -35,6 +35,8 @@ class Job(Generic[P]):
     report: Callable[[Job[Any], int, int | None, str | None], Awaitable[None]] | None = field(
         default=None, repr=False
     )
+    # Set by the engine from the job type's policy (or its stream's).
+    max_attempts: int = 1
     # The claim's delivery count when this process took the entry: the fencing token.
     # XREADGROUP makes it 1; each claim by recovery raises it (heartbeats do not).
     delivery: int = 1
@@ -54,6 +56,11 @@ class Job(Generic[P]):
         """
         if self.fence is not None:
             await self.fence(self)
+
+    @property
+    def last_attempt(self) -> bool:
+        """True when a retryable failure now dead-letters the job instead of retrying it."""
+        return self.attempt >= self.max_attempts
 
     def check_claim(self) -> None:
         """Raise ``FencedOut`` unless the claim is provably still this process's, without
@@ -75,13 +82,48 @@ Handler = Callable[[Job[Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
-class Registration:
+class JobSpec(Generic[P]):
+    """One job type, declared once next to its handler; everything else takes this.
+
+    Registration, producers, the outbox and the SQL that enqueues jobs all name a job by
+    its spec, never by a string of their own, and every payload goes through ``dump``:
+    a producer either sends a valid payload or gets ``InvalidJob`` saying why.
+    """
+
     stream: str
-    job_type: str
-    model: type[BaseModel]
-    handler: Handler
+    name: str  # the entry's ``type`` field
+    model: type[P]
+    # None: the stream's ``max_attempts`` / ``job_timeout_s``.
+    max_attempts: int | None = None
+    timeout_s: float | None = None
     # Payload keys whose values never leave the process (masked in dead letters).
     secret_fields: tuple[str, ...] = ()
+
+    def validate(self, payload: P | Mapping[str, Any]) -> P:
+        if isinstance(payload, self.model):
+            return payload
+        try:
+            return self.model.model_validate(payload)
+        except pydantic.ValidationError as exc:
+            raise InvalidJob(f"invalid payload for {self.name}: {_describe(exc)}") from None
+
+    def dump(self, payload: P | Mapping[str, Any]) -> str:
+        """The payload as the stream carries it (JSON of the fields given), validated."""
+        return self.validate(payload).model_dump_json(exclude_unset=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    spec: JobSpec[Any]
+    handler: Handler
+
+    @property
+    def model(self) -> type[BaseModel]:
+        return self.spec.model
+
+    @property
+    def secret_fields(self) -> tuple[str, ...]:
+        return self.spec.secret_fields
 
 
 class Registry:
@@ -90,6 +132,13 @@ class Registry:
     def __init__(self, max_payload_bytes: int = 1_048_576) -> None:
         self._by_stream: dict[str, dict[str, Registration]] = {}
         self.max_payload_bytes = max_payload_bytes
+
+    def add(self, spec: JobSpec[P], handler: Callable[[Job[P]], Awaitable[None]]) -> None:
+        """Dispatch ``spec``'s jobs to ``handler``."""
+        types = self._by_stream.setdefault(spec.stream, {})
+        if spec.name in types:
+            raise ValueError(f"handler for {spec.stream}/{spec.name} registered twice")
+        types[spec.name] = Registration(spec, handler)
 
     def register(
         self,
@@ -100,16 +149,12 @@ class Registry:
         *,
         secret_fields: Iterable[str] = (),
     ) -> None:
-        types = self._by_stream.setdefault(stream, {})
-        if type_ in types:
-            raise ValueError(f"handler for {stream}/{type_} registered twice")
-        types[type_] = Registration(
-            stream,
-            type_,
-            model,
-            handler,
-            tuple(secret_fields),
-        )
+        """``add`` for a spec made on the spot (tests and the benchmark)."""
+        self.add(JobSpec(stream, type_, model, secret_fields=tuple(secret_fields)), handler)
+
+    def spec(self, stream: str, type_: str) -> JobSpec[Any] | None:
+        reg = self.get(stream, type_)
+        return None if reg is None else reg.spec
 
     @property
     def streams(self) -> list[str]:

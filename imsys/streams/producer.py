@@ -11,7 +11,7 @@ import orjson
 from redis.asyncio import Redis
 
 from imsys.streams.consumer import DEDUPE_STALE_MS
-from imsys.streams.job import now_ms
+from imsys.streams.job import JobSpec, now_ms
 from imsys.streams.keys import GROUP, Keys
 from imsys.streams.scripts import Scripts
 
@@ -41,6 +41,19 @@ class Producer:
         self.redis = redis
         self.keys = keys
         self.scripts = scripts
+
+    async def send(
+        self,
+        spec: JobSpec[Any],
+        payload: Any,
+        *,
+        job_id: str | None = None,
+        delay: float = 0.0,
+    ) -> Enqueued:
+        """Add one job of ``spec``'s type; its payload is validated first (InvalidJob)."""
+        return await self.enqueue(
+            spec.stream, spec.name, spec.dump(payload), job_id=job_id, delay=delay
+        )
 
     async def enqueue(
         self,

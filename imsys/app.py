@@ -22,10 +22,10 @@ from imsys.db import translate_error as translate_db_error
 from imsys.demo import Demo
 from imsys.deps import Deps
 from imsys.events import domain as events_domain
-from imsys.events.publisher import EventPublisher
 from imsys.http import api_billing, api_bouncer, api_sync, dashboard
 from imsys.http.server import build_app, check_listen_safety
 from imsys.outbox import OutboxRelay
+from imsys.publisher import EventPublisher
 from imsys.redisconn import make_redis
 from imsys.routeros import RouterPool
 from imsys.settings import Settings

@@ -8,7 +8,7 @@ import aiohttp
 import asyncpg
 from redis.asyncio import Redis
 
-from imsys.events.publisher import EventPublisher
+from imsys.publisher import EventPublisher
 from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.streams.engine import Engine

@@ -23,8 +23,8 @@ from imsys.app import make_circuit
 from imsys.deps import Deps
 from imsys.events import domain as events_domain
 from imsys.events.channels import ChannelControl
-from imsys.events.publisher import EventPublisher
 from imsys.providers.config import SmtpConfig, WhatsAppConfig
+from imsys.publisher import EventPublisher
 from imsys.routeros import RouterPool
 from imsys.settings import EventsSettings, Settings
 from imsys.sim.gateway import GatewaySimulator

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from imsys.events.publisher import EventPublisher, EventType
+from imsys.publisher import EventPublisher, EventType
 from imsys.settings import Settings
 from imsys.streams.job import now_ms
 from imsys.streams.keys import Keys

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from imsys.streams.consumer import DEDUPE_STALE_MS
+from imsys.streams.jobids import DEDUPE_STALE_MS
 from imsys.streams.job import now_ms
 from imsys.streams.keys import GROUP
 from imsys.streams.producer import Enqueued, Producer

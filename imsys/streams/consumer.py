@@ -39,18 +39,16 @@ from imsys.streams.entries import (
     as_text,
     decode_entries,
     decode_entry,
-    eval_raw,
     xreadgroup_raw,
 )
 from imsys.streams.job import Job, Registry, now_ms
 from imsys.streams.keys import GROUP, Keys
 from imsys.streams.metrics import EngineMetrics
-from imsys.streams.scripts import Scripts, as_str_list
+from imsys.streams.moves import Finished, History, StreamMoves
+from imsys.streams.scripts import Scripts
 
 log = structlog.get_logger("imsys.streams")
 
-# A delayed mark older than its due time by this much belongs to a job that is gone.
-DEDUPE_STALE_MS = 3_600_000
 # The part of a huge payload a dead letter keeps (the rest is of no use to anyone).
 DEAD_PAYLOAD_KEEP = 65_536
 # The longest a job waits for PostgreSQL or Redis to come back before it looks again.
@@ -75,16 +73,6 @@ class InvalidEntry(PermanentError):
 ErrorTranslator = Callable[[BaseException], ImsysError | None]
 
 
-@dataclass(slots=True)
-class _Done:
-    entry_id: str
-    type: str
-    job_id: str
-    seconds: float
-    # When this process last knew the claim was fresh (read, claimed): see ``_ack``.
-    claimed_at: float
-
-
 @dataclass
 class StreamConsumer:
     redis: Redis
@@ -97,7 +85,7 @@ class StreamConsumer:
     consumer: str
     metrics: EngineMetrics
     running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    _done: list[_Done] = field(default_factory=list)
+    _done: list[Finished] = field(default_factory=list)
     _unflushed: set[str] = field(default_factory=set)
     _slot_free: asyncio.Event = field(default_factory=asyncio.Event)
     _ack_ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -134,6 +122,8 @@ class StreamConsumer:
 
     def __post_init__(self) -> None:
         self.key = self.keys.stream(self.stream)
+        history = History(self.engine.history_max, self.engine.history_hours)
+        self.moves = StreamMoves(self.redis, self.scripts, self.keys, self.stream, history)
         self.log = log.bind(stream=self.stream)
 
     # --- group -----------------------------------------------------------------------
@@ -239,22 +229,8 @@ class StreamConsumer:
         with_ids = [(eid, f["job_id"]) for eid, f in entries if f.get("job_id")]
         dropped: set[str] = set()
         if with_ids and not recovered:
-            args: list[Any] = [
-                GROUP,
-                self.keys.dedupe_prefix(self.stream),
-                now_ms(),
-                DEDUPE_STALE_MS,
-            ]
-            for eid, jid in with_ids:
-                args += (eid, jid)
             try:
-                dropped = set(
-                    as_str_list(
-                        await self.scripts.claim_job_ids(
-                            keys=[self.key, self.keys.stats(self.stream)], args=args
-                        )
-                    )
-                )
+                dropped = set(await self.moves.claim_job_ids(with_ids))
             except REDIS_DOWN:
                 # Left pending: recovery delivers them again once Redis answers.
                 self.log.warning("dedupe_check_failed", entries=len(entries))
@@ -344,7 +320,7 @@ class StreamConsumer:
                 self._infra_failures = 0
                 elapsed = time.perf_counter() - started
                 claimed = self._claimed_at.pop(entry_id, 0.0)
-                self._done.append(_Done(entry_id, type_, job.job_id or "", elapsed, claimed))
+                self._done.append(Finished(entry_id, type_, job.job_id or "", elapsed, claimed))
                 self._unflushed.add(entry_id)
                 self._ack_ready.set()
         finally:
@@ -441,9 +417,7 @@ class StreamConsumer:
             return
         sent = time.monotonic()
         try:
-            lost = as_str_list(
-                await self.scripts.heartbeat(keys=[self.key], args=[GROUP, self.consumer, job.id])
-            )
+            lost = await self.moves.heartbeat(self.consumer, [job.id])
         except REDIS_DOWN as exc:
             raise Unavailable(
                 f"Redis unavailable: cannot confirm the claim: {redact_text(str(exc))}", delay=1.0
@@ -476,9 +450,6 @@ class StreamConsumer:
                     raise
                 await self._recreate_group()
 
-    def _hist_minid(self) -> str:
-        return str(now_ms() - int(self.engine.history_hours * 3_600_000))
-
     async def _retry(
         self,
         job: Job[Any],
@@ -491,37 +462,18 @@ class StreamConsumer:
         elapsed = time.perf_counter() - started
         attempt = job.attempt if deferred else job.attempt + 1
         fields = {**job.fields, "attempt": str(attempt), "last_error": _error_text(exc)}
-        due = now_ms() + int(delay * 1000)
-        member = orjson.dumps(
-            {"f": [x for kv in fields.items() for x in kv], "j": job.job_id or "", "u": job.id}
-        ).decode()
-        dedupe_key = self.keys.dedupe(self.stream, job.job_id) if job.job_id else ""
         counter = "deferred" if deferred else "retried"
         moved = await self._until_done(
             "retry",
-            lambda: self.scripts.retry(
-                keys=[
-                    self.key,
-                    self.keys.delayed(self.stream),
-                    self.keys.stats(self.stream),
-                    self.keys.history,
-                ],
-                args=[
-                    GROUP,
-                    self.consumer,
-                    job.id,
-                    due,
-                    member,
-                    dedupe_key,
-                    counter,
-                    self.engine.history_max,
-                    self._hist_minid(),
-                    self.stream,
-                    job.type,
-                    job.job_id or "",
-                    f"{elapsed * 1000:.1f}",
-                    counter,
-                ],
+            lambda: self.moves.retry(
+                self.consumer,
+                entry_id=job.id,
+                job_type=job.type,
+                job_id=job.job_id,
+                fields=fields,
+                due_ms=now_ms() + int(delay * 1000),
+                seconds=elapsed,
+                deferred=deferred,
             ),
         )
         if not moved:
@@ -572,28 +524,17 @@ class StreamConsumer:
             "failed_at": str(now),
         }
         job_id = fields.get("job_id") or ""
-        dedupe_key = self.keys.dedupe(self.stream, job_id) if job_id else ""
-        minid = now - int(self.engine.dead_letter_days * 86_400_000)
-        elapsed_ms = "" if started is None else f"{(time.perf_counter() - started) * 1000:.1f}"
         moved = await self._until_done(
             "dead_letter",
-            lambda: self.scripts.dead(
-                keys=[self.key, self.keys.dead, self.keys.stats(self.stream), self.keys.history],
-                args=[
-                    GROUP,
-                    self.consumer,
-                    entry_id,
-                    minid,
-                    dedupe_key,
-                    self.engine.history_max,
-                    self._hist_minid(),
-                    self.stream,
-                    fields.get("type", ""),
-                    job_id,
-                    elapsed_ms,
-                    "1" if check_owner else "0",
-                    *[x for kv in dead_fields.items() for x in kv],
-                ],
+            lambda: self.moves.dead(
+                self.consumer,
+                entry_id=entry_id,
+                job_type=fields.get("type", ""),
+                job_id=job_id,
+                dead_fields=dead_fields,
+                seconds=None if started is None else time.perf_counter() - started,
+                keep_days=self.engine.dead_letter_days,
+                check_owner=check_owner,
             ),
         )
         if not moved:
@@ -660,7 +601,7 @@ class StreamConsumer:
                 self.metrics.observe(self.stream, d.type, d.seconds)
             self.metrics.processed.labels(self.stream).inc(len(batch))
 
-    async def _ack(self, batch: list[_Done]) -> int:
+    async def _ack(self, batch: list[Finished]) -> int:
         # A claim can only be taken once it sat idle for claim_idle_s. Entries read, claimed
         # or refreshed more recently than half that are certainly still ours; only the
         # others (this process stalled: a freeze, a SIGSTOP) are checked in the script, so
@@ -670,26 +611,7 @@ class StreamConsumer:
         verify = [
             d.entry_id for d in batch if now - max(d.claimed_at, self._refreshed_at) > fresh_for
         ]
-        recent = batch[-self.engine.history_max :] if self.engine.history_max else []
-        payload = orjson.dumps(
-            [
-                [d.entry_id for d in batch],
-                [[d.job_id, d.entry_id] for d in batch if d.job_id],
-                [[d.type, d.job_id, f"{d.seconds * 1000:.1f}"] for d in recent],
-                verify,
-            ]
-        )
-        args: list[Any] = [
-            GROUP,
-            self.engine.history_max,
-            self._hist_minid(),
-            self.stream,
-            self.keys.dedupe_prefix(self.stream),
-            payload,
-            self.consumer,
-        ]
-        keys = [self.key, self.keys.stats(self.stream), self.keys.history]
-        taken = as_str_list(await self.scripts.ack(keys=keys, args=args))
+        taken = await self.moves.ack(self.consumer, batch, verify)
         if taken:
             self.log.warning("job_taken_over", entry_ids=taken[:20], count=len(taken), step="ack")
         return len(batch) - len(taken)
@@ -709,15 +631,12 @@ class StreamConsumer:
             if free <= 0:
                 break
             sent = time.monotonic()
-            raw = await eval_raw(
-                self.redis,
-                self.scripts.recover,
-                [self.key],
-                [GROUP, self.consumer, min_idle, cursor, min(free, 100)],
+            raw_cursor, claimed_now = await self.moves.recover(
+                self.consumer, min_idle, cursor, min(free, 100)
             )
-            cursor = as_text(raw[0])
+            cursor = as_text(raw_cursor)
             entries: list[tuple[str, dict[str, str]]] = []
-            for raw_id, flat, deliveries in raw[1]:
+            for raw_id, flat, deliveries in claimed_now:
                 decoded = decode_entry(raw_id, flat)
                 if isinstance(decoded, Malformed):
                     await self._dead(
@@ -752,13 +671,7 @@ class StreamConsumer:
         """
         ids = [*self.running, *self._unflushed, *(eid for eid, _ in self._buffer)]
         sent_at = time.monotonic()
-        lost: list[str] = []
-        for i in range(0, len(ids), 500):
-            lost += as_str_list(
-                await self.scripts.heartbeat(
-                    keys=[self.key], args=[GROUP, self.consumer, *ids[i : i + 500]]
-                )
-            )
+        lost = await self.moves.heartbeat(self.consumer, ids)
         self._refreshed_at = sent_at
         gone = set(lost)
         if self._buffer and gone:
@@ -800,12 +713,7 @@ class StreamConsumer:
         """Move due delayed jobs back onto the stream (atomic per batch)."""
         total = 0
         while True:
-            n = int(
-                await self.scripts.promote(
-                    keys=[self.keys.delayed(self.stream), self.key],
-                    args=[now_ms(), limit, self.keys.dedupe_prefix(self.stream)],
-                )
-            )
+            n = await self.moves.promote(limit)
             total += n
             if n < limit:
                 return total
@@ -822,12 +730,8 @@ class StreamConsumer:
         buffered, self._buffer = list(self._buffer), deque()
         if not buffered:
             return 0
-        args: list[Any] = [GROUP, self.keys.dedupe_prefix(self.stream)]
-        for eid, fields in buffered:
-            flat = [x for kv in fields.items() for x in kv]
-            args += [eid, fields.get("job_id", ""), len(flat), *flat]
         try:
-            await self.scripts.release(keys=[self.key], args=args)
+            await self.moves.release(buffered)
         except REDIS_DOWN:
             self.log.warning("read_ahead_left_pending", count=len(buffered))
             return 0

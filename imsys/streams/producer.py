@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +9,9 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from imsys.streams.consumer import DEDUPE_STALE_MS
 from imsys.streams.job import JobSpec, now_ms
-from imsys.streams.keys import GROUP, Keys
+from imsys.streams.keys import Keys
+from imsys.streams.moves import StreamMoves
 from imsys.streams.scripts import Scripts
 
 BULK_CHUNK = 2000
@@ -41,6 +40,7 @@ class Producer:
         self.redis = redis
         self.keys = keys
         self.scripts = scripts
+        self._moves: dict[str, StreamMoves] = {}
 
     async def send(
         self,
@@ -76,32 +76,17 @@ class Producer:
             fields["job_id"] = job_id
         if not job_id and delay <= 0:
             return Enqueued(await self.redis.xadd(self.keys.stream(stream), fields))  # type: ignore[arg-type]
-        due = ""
-        member = ""
-        if delay > 0:
-            due = str(now + int(delay * 1000))
-            member = orjson.dumps(
-                {
-                    "f": [x for kv in fields.items() for x in kv],
-                    "j": job_id or "",
-                    "u": secrets.token_hex(8),
-                }
-            ).decode()
-        result = await self.scripts.enqueue(
-            keys=[self.keys.stream(stream), self.keys.delayed(stream), self.keys.stats(stream)],
-            args=[
-                self.keys.dedupe(stream, job_id) if job_id else "",
-                now,
-                DEDUPE_STALE_MS,
-                due,
-                member,
-                GROUP,
-                *[x for kv in fields.items() for x in kv],
-            ],
-        )
+        due = now + int(delay * 1000) if delay > 0 else None
+        result = await self.moves(stream).enqueue(fields, job_id=job_id, due_ms=due)
         if result.startswith("dup:"):
             return Enqueued(None, running=result == "dup:running")
         return Enqueued(result)
+
+    def moves(self, stream: str) -> StreamMoves:
+        moves = self._moves.get(stream)
+        if moves is None:
+            moves = self._moves[stream] = StreamMoves(self.redis, self.scripts, self.keys, stream)
+        return moves
 
     async def enqueue_many(
         self, stream: str, type_: str, payloads: Iterable[Mapping[str, Any] | str]
@@ -110,17 +95,16 @@ class Producer:
 
         A chunk is atomic; chunks stay small so no call holds Redis for long.
         """
-        key = self.keys.stream(stream)
         count = 0
         chunk: list[str] = []
         for payload in payloads:
             chunk.append(_payload_text(payload))
             if len(chunk) >= BULK_CHUNK:
-                count += await self._bulk(key, type_, chunk)
+                count += await self._bulk(stream, type_, chunk)
                 chunk = []
         if chunk:
-            count += await self._bulk(key, type_, chunk)
+            count += await self._bulk(stream, type_, chunk)
         return count
 
-    async def _bulk(self, key: str, type_: str, payloads: list[str]) -> int:
-        return int(await self.scripts.bulk_enqueue(keys=[key], args=[type_, now_ms(), *payloads]))
+    async def _bulk(self, stream: str, type_: str, payloads: list[str]) -> int:
+        return await self.moves(stream).enqueue_bulk(type_, payloads)

@@ -12,6 +12,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from imsys.streams.jobids import MARK_LIVE_LUA
+
 # Lua's unpack() has a stack limit near 8,000 values: commands take ids in chunks.
 _CHUNK = """
 local function chunked(cmd, key, extra, list)
@@ -205,15 +207,8 @@ end
 return #due
 """
 
-# Is the job a dedupe mark points at still waiting or running?
-_MARK_LIVE = """
-local function mark_live(stream, v, now, stale_ms)
-  if string.sub(v, 1, 8) == 'delayed:' then
-    return tonumber(string.sub(v, 9)) + stale_ms > now
-  end
-  return #redis.call('XRANGE', stream, v, v) > 0
-end
-"""
+# The job_id marks these scripts keep are described in jobids.py.
+_MARK_LIVE = MARK_LIVE_LUA
 
 # KEYS: stream, delayed, stats
 # ARGV: dedupe_key|'', now_ms, stale_ms, due_ms|'', member|'', group, field/value pairs...

@@ -29,7 +29,7 @@ from imsys.streams.limits import KeyLimiter, RateLimiter
 from imsys.streams.metrics import EngineMetrics, StreamFigures, stream_figures
 from imsys.streams.producer import Producer
 from imsys.streams.scripts import Scripts
-from imsys.streams.timers import Cron, Timer, TimerFn, TimerRunner
+from imsys.streams.timers import Timer, TimerFn, TimerRunner
 
 log = structlog.get_logger("imsys.engine")
 
@@ -103,10 +103,8 @@ class Engine:
 
     # --- registration ----------------------------------------------------------------------
 
-    def add_timer(
-        self, name: str, fn: TimerFn, *, every: float | None = None, cron: str | None = None
-    ) -> Timer:
-        timer = Timer(name, fn, every=every, cron=Cron(cron) if cron else None)
+    def add_timer(self, name: str, fn: TimerFn, *, every: float) -> Timer:
+        timer = Timer(name, fn, every=every)
         self.timers.append(timer)
         return timer
 

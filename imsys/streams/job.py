@@ -14,8 +14,6 @@ from imsys.errors import InvalidJob, UnknownJobType
 
 P = TypeVar("P", bound=BaseModel)
 
-# Fields a producer may set; everything else in an entry is kept but ignored.
-CONTRACT_FIELDS = ("type", "payload", "job_id", "attempt", "enqueued_at")
 MASK = "***"
 
 

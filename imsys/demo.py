@@ -3,7 +3,7 @@
 `Demo.open` starts simulated RouterOS routers, the Bouncer simulator and the SMS/WhatsApp
 gateway simulator on loopback ports and returns settings pointed at them (nothing in
 demo mode reaches a real provider). `Demo.launch` waits for the engine, then creates —
-idempotently, through `imsys.sync.service` like the admin API, so every change goes
+idempotently, through `imsys.network.service` like the admin API, so every change goes
 through the outbox — a demo tenant with its routers, packages and subscribers, and keeps
 the network alive: subscribers dial in once their secret exists, and a random
 subscriber changes now and then so sync work keeps flowing. The dashboard's demo panel
@@ -27,12 +27,14 @@ from pydantic import SecretStr
 
 from imsys.bouncer import service as bouncer_service
 from imsys.deps import Deps
+from imsys.network import models, service
+from imsys.network.errors import Conflict
 from imsys.providers.config import SmsConfig, WhatsAppConfig
 from imsys.settings import Settings
 from imsys.sim.bouncer import BouncerSimulator
 from imsys.sim.gateway import DEFAULT_WHATSAPP_TOKEN, GatewaySimulator
 from imsys.sim.routeros import RouterOSSimulator
-from imsys.sync import service
+from imsys.sync.service import subscriber_changed
 
 log = structlog.get_logger("imsys.demo")
 
@@ -191,7 +193,7 @@ class Demo:
             return
         tenant_id = await db.fetchval("SELECT id FROM tenants WHERE name = $1", TENANT)
         if tenant_id is None:
-            tenant = await service.create_tenant(db, service.TenantIn(name=TENANT))
+            tenant = await service.create_tenant(db, models.TenantIn(name=TENANT))
             tenant_id = tenant["id"]
         self.router_ids = [
             await self._router(db, tenant_id, i, sim) for i, sim in enumerate(self.routers)
@@ -214,7 +216,7 @@ class Demo:
         for n in range(self.cfg.subscribers):
             if username(n) in existing:
                 continue
-            data = service.SubscriberIn(
+            data = models.SubscriberIn(
                 tenant_id=tenant_id,
                 router_id=self.router_ids[n % len(self.router_ids)],
                 package_id=packages[0] if n % 4 else packages[1],
@@ -225,9 +227,9 @@ class Demo:
                 phone=f"+2547{n + 1:08d}",
             )
             try:
-                await service.create_subscriber(db, data, CORRELATION)
+                await service.create_subscriber(db, data, CORRELATION, on_change=subscriber_changed)
                 created += 1
-            except service.Conflict:
+            except Conflict:
                 pass  # another process of the demo got there first
             if self.cfg.create_per_s > 0:
                 # Paced, so the dashboard shows them arrive as pending and turn synced.
@@ -260,7 +262,7 @@ class Demo:
             return int(router_id)
         row = await service.create_router(
             db,
-            service.RouterIn(
+            models.RouterIn(
                 tenant_id=tenant_id,
                 name=name,
                 host="127.0.0.1",
@@ -281,7 +283,7 @@ class Demo:
             return int(found)
         row = await service.create_package(
             db,
-            service.PackageIn(
+            models.PackageIn(
                 tenant_id=tenant_id,
                 name=name,
                 profile=profile,
@@ -313,10 +315,12 @@ class Demo:
             )
             if sub_id is None:
                 continue
-            patch = service.SubscriberPatch(
+            patch = models.SubscriberPatch(
                 expires_at=now + timedelta(minutes=2 + n), is_suspended=False
             )
-            await service.update_subscriber(db, sub_id, patch, CORRELATION)
+            await service.update_subscriber(
+                db, sub_id, patch, CORRELATION, on_change=subscriber_changed
+            )
 
     # --- animation --------------------------------------------------------------------------
 
@@ -356,7 +360,7 @@ class Demo:
         if row is None:
             return
         if random.random() < 0.2 or row["is_suspended"]:
-            patch = service.SubscriberPatch(is_suspended=not row["is_suspended"])
+            patch = models.SubscriberPatch(is_suspended=not row["is_suspended"])
         else:
             other = await db.fetchval(
                 "SELECT id FROM packages WHERE tenant_id = (SELECT tenant_id FROM subscribers"
@@ -366,8 +370,10 @@ class Demo:
             )
             if other is None:
                 return
-            patch = service.SubscriberPatch(package_id=other)
-        await service.update_subscriber(db, row["id"], patch, CORRELATION)
+            patch = models.SubscriberPatch(package_id=other)
+        await service.update_subscriber(
+            db, row["id"], patch, CORRELATION, on_change=subscriber_changed
+        )
 
     # --- the dashboard's demo panel ---------------------------------------------------------
 

@@ -18,12 +18,13 @@ from redis.asyncio import Redis
 
 from imsys.app import build_deps
 from imsys.deps import Deps
+from imsys.network import models, service
 from imsys.outbox import OutboxRelay
 from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.sim.routeros import RouterOSSimulator
 from imsys.streams.engine import Engine
-from imsys.sync import service
+from imsys.sync.service import subscriber_changed
 
 ROUTER_PASSWORD = "r0uter-pass"
 
@@ -56,7 +57,7 @@ class Stack:
         return self.deps.engine
 
     async def add_subscriber(self, username: str, *, router: int = 0, **kw: Any) -> int:
-        data = service.SubscriberIn(
+        data = models.SubscriberIn(
             tenant_id=self.tenant_id,
             router_id=self.router_ids[router],
             package_id=kw.pop("package_id", self.basic),
@@ -65,14 +66,20 @@ class Stack:
             service=kw.pop("service", "pppoe"),
             **kw,
         )
-        row = await service.create_subscriber(self.db, data, f"test:create:{username}")
+        row = await service.create_subscriber(
+            self.db, data, f"test:create:{username}", on_change=subscriber_changed
+        )
         return int(row["id"])
 
     async def patch(
         self, subscriber_id: int, correlation: str = "test:patch", **changes: Any
     ) -> None:
         await service.update_subscriber(
-            self.db, subscriber_id, service.SubscriberPatch(**changes), correlation
+            self.db,
+            subscriber_id,
+            models.SubscriberPatch(**changes),
+            correlation,
+            on_change=subscriber_changed,
         )
 
     async def subscriber(self, subscriber_id: int) -> dict[str, Any]:
@@ -130,12 +137,12 @@ async def make_stack(
     deps = build_deps(settings, redis, db, consumer=f"{prefix}-c")
     engine, http, pool = deps.engine, deps.http, deps.routers
     await engine.prepare()
-    tenant = await service.create_tenant(db, service.TenantIn(name=f"tenant-{prefix}"))
+    tenant = await service.create_tenant(db, models.TenantIn(name=f"tenant-{prefix}"))
     router_ids = []
     for i, sim in enumerate(sims):
         router = await service.create_router(
             db,
-            service.RouterIn(
+            models.RouterIn(
                 tenant_id=tenant["id"],
                 name=f"r{i}",
                 host="127.0.0.1",
@@ -147,13 +154,13 @@ async def make_stack(
         router_ids.append(router["id"])
     basic = await service.create_package(
         db,
-        service.PackageIn(
+        models.PackageIn(
             tenant_id=tenant["id"], name="basic", profile="basic", price=10, period_days=30
         ),
     )
     premium = await service.create_package(
         db,
-        service.PackageIn(
+        models.PackageIn(
             tenant_id=tenant["id"], name="premium", profile="premium", price=20, period_days=30
         ),
     )

@@ -8,8 +8,8 @@ import os
 import signal
 import time
 
+from imsys.network import models, service
 from imsys.sim.routeros_state import Write
-from imsys.sync import service
 from tests.conftest import subprocess_env
 from tests.sync_support import Stack
 from tests.test_sync_processes import SERVICE_ENV, Service
@@ -56,7 +56,7 @@ async def test_refused_command_completes_its_row_as_failed(stack: Stack) -> None
     """A command the router refuses (a profile it lacks) leaves its row 'failed: …'."""
     pkg = await service.create_package(
         stack.db,
-        service.PackageIn(
+        models.PackageIn(
             tenant_id=stack.tenant_id, name="ghost-plan", profile="nowhere", price=1, period_days=30
         ),
     )

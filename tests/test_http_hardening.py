@@ -26,10 +26,10 @@ from imsys.http import api_billing, api_bouncer, api_sync, dashboard
 from imsys.http.idempotency import IDEMPOTENCY, creating
 from imsys.http.json import json_response
 from imsys.http.server import build_app, check_listen_safety
+from imsys.network import service
 from imsys.settings import HttpSettings, Settings
 from imsys.streams.engine import Engine
 from imsys.streams.job import Registry
-from imsys.sync import service
 from tests.sync_support import Stack
 
 TOKEN = "test-token"

@@ -87,11 +87,12 @@ async def test_package_change_sets_profile_and_kicks(stack: Stack) -> None:
 
 async def test_delete_removes_the_entry(stack: Stack) -> None:
     """Deleting a subscriber removes its managed secret and session."""
-    from imsys.sync import service
+    from imsys.network import service
+    from imsys.sync.service import subscriber_changed
 
     sid = await stack.add_subscriber("frank")
     await stack.settle()
-    await service.delete_subscriber(stack.db, sid, "test:delete")
+    await service.delete_subscriber(stack.db, sid, "test:delete", on_change=subscriber_changed)
     await stack.settle()
     assert "frank" not in stack.secrets()
 

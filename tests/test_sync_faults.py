@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from imsys.network import service
 from imsys.sim.routeros_state import Write
-from imsys.sync import service
 from imsys.sync.reconcile import router_facts
 from imsys.sync.repo import load_router
 from tests.sync_support import Stack, past

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from imsys import outbox
 from imsys.billing.repo import notification_job_id, payment_job_id
 from imsys.billing.templates import render
-from imsys.sync.service import Conflict, Invalid, queue_sync
+from imsys.network.errors import Conflict, Invalid
+from imsys.sync.service import queue_sync
 
 # A provider's transaction id, e.g. an M-Pesa receipt (QK82H3XY1Z).
 REFERENCE = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{3,63}$"

@@ -11,7 +11,7 @@ from imsys.billing import payments, templates
 from imsys.http.api_sync import DEPS, domain_errors, int_param, parse
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
-from imsys.sync.service import NotFound
+from imsys.network.errors import NotFound
 
 
 @creating

@@ -13,10 +13,12 @@ from aiohttp import web
 from imsys.errors import Deferred
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response, read_json
+from imsys.network import models, service
+from imsys.network.errors import Conflict, Invalid, NotFound
 from imsys.routeros import RouterError
-from imsys.sync import service
 from imsys.sync.reconcile import build_plan
 from imsys.sync.repo import load_router
+from imsys.sync.service import request_sync, subscriber_changed
 
 DEPS: web.AppKey[Any] = web.AppKey("deps", object)
 
@@ -62,11 +64,11 @@ def domain_errors(fn: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             return await fn(request)
-        except service.NotFound as exc:
+        except NotFound as exc:
             raise ApiError(404, f"{exc} not found") from None
-        except service.Conflict as exc:
+        except Conflict as exc:
             raise ApiError(409, str(exc)) from None
-        except service.Invalid as exc:
+        except Invalid as exc:
             raise ApiError(400, str(exc)) from None
         except asyncpg.DataError as exc:
             # PostgreSQL cannot hold the value (an id past 64 bits, a NUL in text): the
@@ -79,7 +81,7 @@ def domain_errors(fn: Handler) -> Handler:
 @creating
 @domain_errors
 async def post_tenant(request: web.Request) -> web.Response:
-    data = await parse(request, service.TenantIn)
+    data = await parse(request, models.TenantIn)
     return json_response(await service.create_tenant(request.app[DEPS].db, data), status=201)
 
 
@@ -91,7 +93,7 @@ async def get_tenants(request: web.Request) -> web.Response:
 @creating
 @domain_errors
 async def post_router(request: web.Request) -> web.Response:
-    data = await parse(request, service.RouterIn)
+    data = await parse(request, models.RouterIn)
     return json_response(await service.create_router(request.app[DEPS].db, data), status=201)
 
 
@@ -117,7 +119,7 @@ async def post_router_plan(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     router = await load_router(deps.db, int_param(request))
     if router is None:
-        raise service.NotFound(f"router {int_param(request)}")
+        raise NotFound(f"router {int_param(request)}")
     try:
         result = await build_plan(deps, router)
     except Deferred as exc:
@@ -128,7 +130,7 @@ async def post_router_plan(request: web.Request) -> web.Response:
     return json_response(result.as_dict())
 
 
-class GuardConfirm(service.Strict):
+class GuardConfirm(models.Strict):
     minutes: int = pydantic.Field(default=60, ge=1, le=24 * 60)
 
 
@@ -169,7 +171,7 @@ async def post_router_reboot(request: web.Request) -> web.Response:
 @creating
 @domain_errors
 async def post_package(request: web.Request) -> web.Response:
-    data = await parse(request, service.PackageIn)
+    data = await parse(request, models.PackageIn)
     return json_response(await service.create_package(request.app[DEPS].db, data), status=201)
 
 
@@ -182,8 +184,10 @@ async def get_packages(request: web.Request) -> web.Response:
 @creating
 @domain_errors
 async def post_subscriber(request: web.Request) -> web.Response:
-    data = await parse(request, service.SubscriberIn)
-    row = await service.create_subscriber(request.app[DEPS].db, data, correlation_id(request))
+    data = await parse(request, models.SubscriberIn)
+    row = await service.create_subscriber(
+        request.app[DEPS].db, data, correlation_id(request), on_change=subscriber_changed
+    )
     return json_response(row, status=201)
 
 
@@ -218,9 +222,13 @@ async def get_subscribers(request: web.Request) -> web.Response:
 
 @domain_errors
 async def patch_subscriber(request: web.Request) -> web.Response:
-    patch = await parse(request, service.SubscriberPatch)
+    patch = await parse(request, models.SubscriberPatch)
     row = await service.update_subscriber(
-        request.app[DEPS].db, int_param(request), patch, correlation_id(request)
+        request.app[DEPS].db,
+        int_param(request),
+        patch,
+        correlation_id(request),
+        on_change=subscriber_changed,
     )
     return json_response(row)
 
@@ -228,7 +236,10 @@ async def patch_subscriber(request: web.Request) -> web.Response:
 @domain_errors
 async def delete_subscriber(request: web.Request) -> web.Response:
     row = await service.delete_subscriber(
-        request.app[DEPS].db, int_param(request), correlation_id(request)
+        request.app[DEPS].db,
+        int_param(request),
+        correlation_id(request),
+        on_change=subscriber_changed,
     )
     return json_response(row)
 
@@ -236,7 +247,7 @@ async def delete_subscriber(request: web.Request) -> web.Response:
 @domain_errors
 async def post_subscriber_sync(request: web.Request) -> web.Response:
     cid = correlation_id(request)
-    await service.request_sync(request.app[DEPS].db, int_param(request), cid)
+    await request_sync(request.app[DEPS].db, int_param(request), cid)
     return json_response({"queued": True, "correlation_id": cid}, status=202)
 
 

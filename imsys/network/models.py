@@ -1,0 +1,88 @@
+"""What the admin API (and the demo) may write into the network model: validated here,
+before anything reaches PostgreSQL or a router."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+ASCII_PRINTABLE = r"^[\x21-\x7e]+$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class TenantIn(Strict):
+    name: str = Field(min_length=1, max_length=200)
+    time_zone: str = "UTC"
+    grace_period_s: int = Field(default=0, ge=0, le=90 * 86400)
+    max_disconnect_share: float = Field(default=0.2, gt=0, le=1)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}") from None
+        return v
+
+
+class RouterIn(Strict):
+    tenant_id: int
+    name: str = Field(min_length=1, max_length=100)
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(default=8728, ge=1, le=65535)
+    username: str = Field(min_length=1, max_length=100, pattern=ASCII_PRINTABLE)
+    password: str = Field(default="", max_length=200, pattern=r"^[\x20-\x7e]*$")
+    use_tls: bool = False
+    max_concurrency: int = Field(default=5, ge=1, le=50)
+
+
+class PackageIn(Strict):
+    tenant_id: int
+    name: str = Field(min_length=1, max_length=100)
+    profile: str = Field(min_length=1, max_length=100, pattern=r"^[\x20-\x7e]+$")
+    rate_limit: str | None = Field(default=None, max_length=100)
+    price: Decimal = Field(ge=0, max_digits=12, decimal_places=2)
+    period_days: int = Field(ge=1, le=366)
+
+
+class SubscriberIn(Strict):
+    tenant_id: int
+    router_id: int
+    package_id: int
+    # RouterOS's API is ASCII-only: refuse anything else here, before it reaches a router.
+    username: str = Field(min_length=1, max_length=64, pattern=ASCII_PRINTABLE)
+    password: str = Field(min_length=1, max_length=64, pattern=ASCII_PRINTABLE)
+    service: Literal["pppoe", "hotspot"]
+    is_suspended: bool = False
+    expires_at: datetime | None = None
+    phone: str | None = Field(default=None, max_length=32, pattern=r"^\+?[0-9]{6,15}$")
+    email: str | None = Field(default=None, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+    @field_validator("expires_at")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            raise ValueError("expires_at needs a time zone offset (it is an instant, e.g. ...Z)")
+        return v
+
+
+class SubscriberPatch(Strict):
+    router_id: int | None = None
+    package_id: int | None = None
+    username: str | None = Field(default=None, min_length=1, max_length=64, pattern=ASCII_PRINTABLE)
+    password: str | None = Field(default=None, min_length=1, max_length=64, pattern=ASCII_PRINTABLE)
+    service: Literal["pppoe", "hotspot"] | None = None
+    is_suspended: bool | None = None
+    expires_at: datetime | None = None
+    phone: str | None = Field(default=None, max_length=32, pattern=r"^\+?[0-9]{6,15}$")
+    email: str | None = Field(default=None, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+    _aware = field_validator("expires_at")(SubscriberIn._aware.__func__)  # type: ignore[attr-defined]

@@ -1,0 +1,339 @@
+"""Reads and changes of the network model: tenants, routers, packages, subscribers.
+
+A change to a subscriber is intent a router must follow (DESIGN principle 4: the intent
+and its job commit together). The network model sits below the domains and knows no
+queue, so each function that changes a subscriber takes ``on_change``, a coroutine it
+awaits on the same connection inside its transaction with ``(conn, subscriber_id,
+correlation_id)``: the caller passes the sync domain's public
+`imsys.sync.service.subscriber_changed`, which writes the outbox row. The argument is
+required, so no caller can forget the sync, and a rollback takes the row with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from imsys.network.errors import Conflict, Invalid, NotFound
+from imsys.network.models import PackageIn, RouterIn, SubscriberIn, SubscriberPatch, TenantIn
+
+if TYPE_CHECKING:
+    from imsys.db import Conn, Executor
+
+# Awaited inside the transaction that changed a subscriber: (conn, subscriber_id, correlation_id).
+OnChange = Callable[["Conn", int, str], Awaitable[None]]
+
+SUBSCRIBER_COLUMNS = """
+    s.id, s.tenant_id, s.router_id, s.package_id, s.username, s.service, s.is_suspended,
+    s.expires_at, s.phone, s.email, s.deleted_at, s.desired_version, s.sync_status, s.sync_error,
+    s.last_synced_at, s.online, s.address, s.uptime, s.last_seen_at, s.created_at, s.updated_at
+"""
+
+
+# --- tenants, routers, packages -------------------------------------------------------------
+
+
+async def create_tenant(db: asyncpg.Pool, data: TenantIn) -> dict[str, Any]:
+    try:
+        row = await db.fetchrow(
+            """
+            INSERT INTO tenants (name, time_zone, grace_period, max_disconnect_share)
+            VALUES ($1, $2, make_interval(secs => $3), $4)
+            RETURNING id, name, time_zone, extract(epoch FROM grace_period)::int AS grace_period_s,
+                      max_disconnect_share::float AS max_disconnect_share, created_at
+            """,
+            data.name,
+            data.time_zone,
+            data.grace_period_s,
+            data.max_disconnect_share,
+        )
+    except asyncpg.UniqueViolationError:
+        raise Conflict(f"a tenant named {data.name!r} exists") from None
+    assert row is not None
+    return dict(row)
+
+
+async def list_tenants(db: asyncpg.Pool) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        """
+        SELECT id, name, time_zone, extract(epoch FROM grace_period)::int AS grace_period_s,
+               max_disconnect_share::float AS max_disconnect_share, created_at
+        FROM tenants ORDER BY id
+        """
+    )
+    return [dict(r) for r in rows]
+
+
+async def _require(conn: Executor, table: str, id_: int, tenant_id: int | None = None) -> None:
+    if tenant_id is None:
+        found = await conn.fetchval(f"SELECT 1 FROM {table} WHERE id = $1", id_)
+        what = f"{table[:-1]} {id_}"
+    else:
+        found = await conn.fetchval(
+            f"SELECT 1 FROM {table} WHERE id = $1 AND tenant_id = $2", id_, tenant_id
+        )
+        what = f"{table[:-1]} {id_} of tenant {tenant_id}"
+    if not found:
+        raise Invalid(f"{what} does not exist")
+
+
+ROUTER_COLUMNS = """
+    id, tenant_id, name, host, port, use_tls, username, max_concurrency, online, version, uptime,
+    cpu_load, last_seen_at, last_error, guard_tripped_at, guard_reason, guard_override_until,
+    created_at
+"""
+
+
+async def create_router(db: asyncpg.Pool, data: RouterIn) -> dict[str, Any]:
+    await _require(db, "tenants", data.tenant_id)
+    try:
+        row = await db.fetchrow(
+            f"""
+            INSERT INTO routers (tenant_id, name, host, port, use_tls, username, password,
+                                 max_concurrency)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {ROUTER_COLUMNS}
+            """,
+            data.tenant_id,
+            data.name,
+            data.host,
+            data.port,
+            data.use_tls,
+            data.username,
+            data.password,
+            data.max_concurrency,
+        )
+    except asyncpg.UniqueViolationError:
+        raise Conflict(
+            f"tenant {data.tenant_id} already has a router named {data.name!r}"
+        ) from None
+    assert row is not None
+    return dict(row)
+
+
+async def list_routers(db: asyncpg.Pool, tenant_id: int | None = None) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        f"SELECT {ROUTER_COLUMNS} FROM routers "
+        "WHERE $1::bigint IS NULL OR tenant_id = $1 ORDER BY id",
+        tenant_id,
+    )
+    return [dict(r) for r in rows]
+
+
+async def get_router(db: asyncpg.Pool, router_id: int) -> dict[str, Any]:
+    row = await db.fetchrow(f"SELECT {ROUTER_COLUMNS} FROM routers WHERE id = $1", router_id)
+    if row is None:
+        raise NotFound(f"router {router_id}")
+    return dict(row)
+
+
+async def confirm_guard(db: asyncpg.Pool, router_id: int, minutes: int) -> dict[str, Any]:
+    """An operator lets the tripped mass-disconnect guard pass for a while."""
+    row = await db.fetchrow(
+        f"""
+        UPDATE routers SET guard_tripped_at = NULL, guard_reason = NULL,
+            guard_override_until = now() + make_interval(mins => $2)
+        WHERE id = $1 RETURNING {ROUTER_COLUMNS}
+        """,
+        router_id,
+        minutes,
+    )
+    if row is None:
+        raise NotFound(f"router {router_id}")
+    return dict(row)
+
+
+async def create_package(db: asyncpg.Pool, data: PackageIn) -> dict[str, Any]:
+    await _require(db, "tenants", data.tenant_id)
+    try:
+        row = await db.fetchrow(
+            """
+            INSERT INTO packages (tenant_id, name, profile, rate_limit, price, period_days)
+            VALUES ($1, $2, $3, $4, $5, $6) RETURNING *
+            """,
+            data.tenant_id,
+            data.name,
+            data.profile,
+            data.rate_limit,
+            data.price,
+            data.period_days,
+        )
+    except asyncpg.UniqueViolationError:
+        raise Conflict(
+            f"tenant {data.tenant_id} already has a package named {data.name!r}"
+        ) from None
+    assert row is not None
+    return dict(row)
+
+
+async def list_packages(db: asyncpg.Pool, tenant_id: int | None = None) -> list[dict[str, Any]]:
+    rows = await db.fetch(
+        "SELECT * FROM packages WHERE $1::bigint IS NULL OR tenant_id = $1 ORDER BY id", tenant_id
+    )
+    return [dict(r) for r in rows]
+
+
+# --- subscribers ----------------------------------------------------------------------------
+
+
+async def get_subscriber(db: Executor, subscriber_id: int) -> dict[str, Any]:
+    row = await db.fetchrow(
+        f"SELECT {SUBSCRIBER_COLUMNS} FROM subscribers s WHERE s.id = $1", subscriber_id
+    )
+    if row is None:
+        raise NotFound(f"subscriber {subscriber_id}")
+    return dict(row)
+
+
+async def create_subscriber(
+    db: asyncpg.Pool, data: SubscriberIn, correlation_id: str, *, on_change: OnChange
+) -> dict[str, Any]:
+    async with db.acquire() as conn, conn.transaction():
+        await _require(conn, "tenants", data.tenant_id)
+        await _require(conn, "routers", data.router_id, data.tenant_id)
+        await _require(conn, "packages", data.package_id, data.tenant_id)
+        try:
+            sub_id = await conn.fetchval(
+                """
+                INSERT INTO subscribers (tenant_id, router_id, package_id, username, password,
+                    service, is_suspended, expires_at, phone, email, pending_correlations)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, ARRAY[$11])
+                RETURNING id
+                """,
+                data.tenant_id,
+                data.router_id,
+                data.package_id,
+                data.username,
+                data.password,
+                data.service,
+                data.is_suspended,
+                data.expires_at,
+                data.phone,
+                data.email,
+                correlation_id,
+            )
+        except asyncpg.UniqueViolationError:
+            raise Conflict(
+                f"router {data.router_id} already has a {data.service} subscriber {data.username!r}"
+            ) from None
+        await on_change(conn, sub_id, correlation_id)
+        return await get_subscriber(conn, sub_id)
+
+
+# Fields a subscriber cannot be without: a PATCH may null expires_at, phone, email only.
+NOT_NULL_ON_PATCH = ("router_id", "package_id", "username", "password", "service", "is_suspended")
+
+
+async def update_subscriber(
+    db: asyncpg.Pool,
+    subscriber_id: int,
+    patch: SubscriberPatch,
+    correlation_id: str,
+    *,
+    on_change: OnChange,
+) -> dict[str, Any]:
+    changes = patch.model_dump(exclude_unset=True)
+    if not changes:
+        raise Invalid("nothing to change: give at least one field")
+    nulls = [k for k in NOT_NULL_ON_PATCH if k in changes and changes[k] is None]
+    if nulls:
+        raise Invalid(f"{', '.join(nulls)}: cannot be null (only expires_at, phone, email can)")
+    async with db.acquire() as conn, conn.transaction():
+        current = await conn.fetchrow(
+            "SELECT * FROM subscribers WHERE id = $1 FOR UPDATE", subscriber_id
+        )
+        if current is None or current["deleted_at"] is not None:
+            raise NotFound(f"subscriber {subscriber_id}")
+        if changes.get("router_id", current["router_id"]) != current["router_id"]:
+            raise Invalid("moving a subscriber to another router: delete and create it instead")
+        if "package_id" in changes:
+            await _require(conn, "packages", changes["package_id"], current["tenant_id"])
+        # A new package or a suspension only takes effect on a new session.
+        kick = changes.get("package_id", current["package_id"]) != current["package_id"] or (
+            changes.get("is_suspended") is True and not current["is_suspended"]
+        )
+        sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(changes, start=3))
+        try:
+            await conn.execute(
+                f"""
+                UPDATE subscribers SET {sets}, desired_version = desired_version + 1,
+                    sync_status = 'pending', updated_at = now(),
+                    kick_required = kick_required OR $2,
+                    pending_correlations = pending_correlations || ARRAY[${len(changes) + 3}]
+                WHERE id = $1
+                """,
+                subscriber_id,
+                kick,
+                *changes.values(),
+                correlation_id,
+            )
+        except asyncpg.UniqueViolationError:
+            raise Conflict("another subscriber on that router has this username") from None
+        await on_change(conn, subscriber_id, correlation_id)
+        return await get_subscriber(conn, subscriber_id)
+
+
+async def delete_subscriber(
+    db: asyncpg.Pool, subscriber_id: int, correlation_id: str, *, on_change: OnChange
+) -> dict[str, Any]:
+    async with db.acquire() as conn, conn.transaction():
+        status = await conn.execute(
+            """
+            UPDATE subscribers SET deleted_at = now(), desired_version = desired_version + 1,
+                sync_status = 'pending', kick_required = true, updated_at = now(),
+                pending_correlations = pending_correlations || ARRAY[$2]
+            WHERE id = $1 AND deleted_at IS NULL
+            """,
+            subscriber_id,
+            correlation_id,
+        )
+        if not status.endswith(" 1"):
+            raise NotFound(f"subscriber {subscriber_id}")
+        await on_change(conn, subscriber_id, correlation_id)
+        return await get_subscriber(conn, subscriber_id)
+
+
+async def search_subscribers(
+    db: asyncpg.Pool,
+    *,
+    search: str | None,
+    sync_status: str | None,
+    router_id: int | None,
+    limit: int,
+    offset: int,
+) -> dict[str, Any]:
+    """Subscribers (not deleted) matching a username/phone/email fragment and filters.
+
+    The fragment matches literally (``%``, ``_`` and ``\\`` are escaped), and the clause
+    is only written when there is one: ``$1 IS NULL OR ...`` would keep a cached generic
+    plan from using the trigram indexes (schema.sql) that serve it.
+    """
+    where = """
+        s.deleted_at IS NULL
+        AND ($2::text IS NULL OR s.sync_status = $2)
+        AND ($3::bigint IS NULL OR s.router_id = $3)
+    """
+    pattern = None
+    if search:
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+        where += r"""
+        AND (s.username ILIKE $1 ESCAPE '\' OR s.phone ILIKE $1 ESCAPE '\'
+             OR s.email ILIKE $1 ESCAPE '\')
+        """
+    else:
+        where += " AND $1::text IS NULL"
+    rows = await db.fetch(
+        f"SELECT {SUBSCRIBER_COLUMNS} FROM subscribers s WHERE {where} "
+        "ORDER BY s.id LIMIT $4 OFFSET $5",
+        pattern,
+        sync_status,
+        router_id,
+        limit,
+        offset,
+    )
+    total = await db.fetchval(
+        f"SELECT count(*) FROM subscribers s WHERE {where}", pattern, sync_status, router_id
+    )
+    return {"subscribers": [dict(r) for r in rows], "total": total}

@@ -72,7 +72,7 @@ class ChannelControl:
 
     def __init__(self, redis: Redis, keys: Keys, *, hold_s: float = 1.5) -> None:
         self.redis = redis
-        self.prefix = keys.prefix
+        self.keys = keys
         self.hold_s = hold_s
         self._set = redis.register_script(_SET)
 
@@ -81,7 +81,7 @@ class ChannelControl:
         return cls(deps.redis, deps.engine.keys, hold_s=deps.settings.events.channel_hold_s)
 
     def key(self, channel: str) -> str:
-        return f"{self.prefix}:service:{channel}"
+        return self.keys.channel(channel)
 
     async def ensure_running(self, channel: str) -> None:
         """Return if ``channel`` may send; raise `Deferred` (no attempt spent) if stopped."""

@@ -11,11 +11,11 @@ from typing import Literal
 import structlog
 from pydantic import BaseModel, Field
 
-from imsys.deps import Deps
 from imsys.errors import RetryableError
 from imsys.events.channels import Channel, ChannelControl, ServiceState
+from imsys.events.context import EventsContext
 from imsys.streams.backoff import REDIS_DOWN
-from imsys.streams.job import Job
+from imsys.streams.job import Job, JobSpec
 
 log = structlog.get_logger("imsys.events")
 
@@ -28,20 +28,23 @@ class ServiceControl(BaseModel):
     requested_by: str | None = Field(default=None, min_length=1, max_length=200)
 
 
-async def service_control(deps: Deps, channels: ChannelControl, job: Job[ServiceControl]) -> None:
+SERVICE_CONTROL = JobSpec("events", "service_control", ServiceControl)
+
+
+async def service_control(ctx: EventsContext, job: Job[ServiceControl]) -> None:
     p = job.payload
-    by = p.requested_by or f"service_control job {job.job_id or job.id}"
+    by = p.requested_by or f"{job.type} job {job.job_id or job.id}"
     # A stale delivery must not flip a channel the current one may already have set.
     await job.ensure_current()
     try:
-        state = await _apply(channels, p, by)
+        state = await _apply(ctx.channels, p, by)
     except REDIS_DOWN as exc:
         raise RetryableError(f"Redis unavailable for service {p.service}: {exc}") from exc
-    await deps.events.publish(
+    await ctx.events.publish(
         "service_status", {**state.as_dict(), "action": p.action, "job_id": job.job_id}
     )
     log.info(
-        "service_control",
+        "service_controlled",
         action=p.action,
         service=p.service,
         state=state.state,

@@ -57,3 +57,15 @@ class Keys:
 
     def flag(self, name: str) -> str:
         return f"{self.prefix}:flag:{name}"
+
+    def channel(self, channel: str) -> str:
+        """A delivery channel's state (events: ``service_control``)."""
+        return f"{self.prefix}:service:{channel}"
+
+    def otp_sent(self, stream: str, entry_id: str) -> str:
+        """The mark of an OTP entry whose code went out (events)."""
+        return f"{self.prefix}:otp:sent:{stream}:{entry_id}"
+
+    def republished(self, stream: str, job_id: str) -> str:
+        """An intent the recovery sweep re-published lately (its cooldown)."""
+        return f"{self.prefix}:republished:{stream}:{job_id}"

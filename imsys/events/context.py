@@ -1,0 +1,38 @@
+"""What the events domain's handlers share, built once from `Deps` at registration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from imsys.deps import Deps
+from imsys.events.channels import ChannelControl
+from imsys.providers.email import SmtpClient
+from imsys.providers.whatsapp import WhatsAppClient
+from imsys.publisher import EventPublisher
+from imsys.settings import EventsSettings
+from imsys.streams.keys import Keys
+
+
+@dataclass(frozen=True, slots=True)
+class EventsContext:
+    redis: Redis
+    keys: Keys
+    cfg: EventsSettings
+    events: EventPublisher
+    channels: ChannelControl
+    whatsapp: WhatsAppClient
+    smtp: SmtpClient
+
+    @classmethod
+    def from_deps(cls, deps: Deps) -> EventsContext:
+        return cls(
+            redis=deps.redis,
+            keys=deps.engine.keys,
+            cfg=deps.settings.events,
+            events=deps.events,
+            channels=ChannelControl.from_deps(deps),
+            whatsapp=WhatsAppClient(deps.http, deps.settings.whatsapp),
+            smtp=SmtpClient(deps.settings.smtp),
+        )

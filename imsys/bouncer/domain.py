@@ -10,7 +10,7 @@ import structlog
 from imsys.bouncer.context import BouncerContext
 from imsys.bouncer.creator import create_batches
 from imsys.bouncer.repo import CHECK_TYPES
-from imsys.bouncer.results import DownloadResults, download_results
+from imsys.bouncer.results import DOWNLOAD_RESULTS, download_results
 from imsys.bouncer.status import check_batches
 from imsys.deps import Deps
 from imsys.errors import ConfigError
@@ -21,9 +21,7 @@ log = structlog.get_logger("imsys.bouncer")
 
 def register(deps: Deps) -> None:
     ctx = BouncerContext.from_deps(deps)
-    deps.engine.registry.register(
-        "bouncer", "download_results", DownloadResults, partial(download_results, ctx)
-    )
+    deps.engine.registry.add(DOWNLOAD_RESULTS, partial(download_results, ctx))
     if not deps.settings.bouncer.api_key.get_secret_value():
         # Every call would be refused: user batches are accepted and wait for a key.
         log.info("bouncer_batching_off", reason="bouncer.api_key is empty")

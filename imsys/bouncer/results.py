@@ -24,7 +24,7 @@ from imsys.bouncer import repo
 from imsys.bouncer.context import BouncerContext, batch_name
 from imsys.bouncer.emails import canonical, normalise
 from imsys.errors import Deferred, RetryableError
-from imsys.streams.job import Job
+from imsys.streams.job import Job, JobSpec
 
 if TYPE_CHECKING:
     from imsys.db import Conn
@@ -39,6 +39,15 @@ OPEN: Final = ("processing", "completed")
 
 class DownloadResults(BaseModel):
     bouncer_batch_id: str = Field(min_length=1, max_length=200)
+
+
+# One attempt (the bouncer stream's policy): the status checker queues it again.
+DOWNLOAD_RESULTS = JobSpec("bouncer", "download_results", DownloadResults)
+
+
+def download_job_id(bouncer_batch_id: str) -> str:
+    """Bouncer's batch id: one download per batch waits or runs at a time."""
+    return bouncer_batch_id
 
 
 # Each address to its mailbox by an index probe per record. LIMIT 1 keeps the planner from

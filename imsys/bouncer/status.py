@@ -15,6 +15,7 @@ import structlog
 
 from imsys.bouncer import repo
 from imsys.bouncer.context import BouncerContext
+from imsys.bouncer.results import DOWNLOAD_RESULTS, download_job_id
 from imsys.providers.errors import ProviderError, ProviderRejected
 
 log = structlog.get_logger("imsys.bouncer")
@@ -85,11 +86,10 @@ async def _queue_download(ctx: BouncerContext, batch: repo.Outstanding,
         await _fail(ctx, batch, f"results download failed {batch.download_attempts} times",
                     result)
         return
-    queued = await ctx.producer.enqueue(
-        "bouncer",
-        "download_results",
+    queued = await ctx.producer.send(
+        DOWNLOAD_RESULTS,
         {"bouncer_batch_id": batch.bouncer_batch_id},
-        job_id=batch.bouncer_batch_id,
+        job_id=download_job_id(batch.bouncer_batch_id),
     )
     if not queued.duplicate:
         result.downloads_queued += 1

@@ -27,12 +27,10 @@ from imsys.http.server import build_app, check_listen_safety
 from imsys.outbox import OutboxRelay
 from imsys.publisher import EventPublisher
 from imsys.redisconn import make_redis
-from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.streams.engine import Engine
 from imsys.streams.job import Registry
 from imsys.sync import domain as sync_domain
-from imsys.sync.circuit import RouterCircuit
 from imsys.systemd import Notifier
 
 log = structlog.get_logger("imsys.app")
@@ -51,7 +49,7 @@ def register_domains(deps: Deps) -> None:
 def build_deps(
     settings: Settings, redis: Redis, db: asyncpg.Pool, *, consumer: str | None = None
 ) -> Deps:
-    """The dependencies with every domain registered; the caller closes http and routers."""
+    """The dependencies with every domain registered; the caller closes http and closing."""
     engine = Engine(redis, settings, Registry(), consumer=consumer)
     engine.add_error_translator(translate_db_error)
     deps = Deps(
@@ -60,8 +58,6 @@ def build_deps(
         db=db,
         engine=engine,
         http=aiohttp.ClientSession(),
-        routers=RouterPool(),
-        circuit=make_circuit(settings, redis),
         events=make_events(settings, redis, engine),
     )
     register_domains(deps)
@@ -70,17 +66,6 @@ def build_deps(
 
 def make_events(settings: Settings, redis: Redis, engine: Engine) -> EventPublisher:
     return EventPublisher(redis, engine.keys, retention_hours=settings.events.backend_events_hours)
-
-
-def make_circuit(settings: Settings, redis: Redis) -> RouterCircuit:
-    cfg = settings.sync
-    return RouterCircuit(
-        redis,
-        settings.redis.prefix,
-        cooldown_s=cfg.circuit_cooldown_s,
-        max_s=cfg.circuit_max_s,
-        probe_s=cfg.router_timeout_s * 3,
-    )
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
@@ -100,7 +85,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         stack.push_async_callback(db.close)
         deps = build_deps(settings, redis, db)
         stack.push_async_callback(deps.http.close)
-        stack.push_async_callback(deps.routers.close)
+        stack.push_async_callback(deps.closing.aclose)
         engine = deps.engine
         if demo is not None:
             demo.launch(deps, stack)

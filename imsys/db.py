@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
@@ -120,7 +119,3 @@ async def migrate(url: str) -> None:
     finally:
         await conn.close()
     log.info("schema_applied", schema=str(schema_path().name))
-
-
-def run_migrate(url: str) -> None:
-    asyncio.run(migrate(url))

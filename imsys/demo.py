@@ -30,11 +30,12 @@ from imsys.deps import Deps
 from imsys.network import models, service
 from imsys.network.errors import Conflict
 from imsys.providers.config import SmsConfig, WhatsAppConfig
+from imsys.routeros import menus
 from imsys.settings import Settings
 from imsys.sim.bouncer import BouncerSimulator
 from imsys.sim.gateway import DEFAULT_WHATSAPP_TOKEN, GatewaySimulator
 from imsys.sim.routeros import RouterOSSimulator
-from imsys.sync.service import subscriber_changed
+from imsys.sync.service import queue_reconciliation, subscriber_changed
 
 log = structlog.get_logger("imsys.demo")
 
@@ -82,8 +83,8 @@ class Demo:
         stack.push_async_callback(demo.stop_simulators)
         for i, sim in enumerate(demo.routers):
             for _, profile, _, _ in PACKAGES:
-                sim.add_item("/ppp/profile", name=profile)
-                sim.add_item("/ip/hotspot/user/profile", name=profile)
+                sim.add_item(menus.PPP_PROFILE, name=profile)
+                sim.add_item(menus.HOTSPOT_USER_PROFILE, name=profile)
             sim.set_resource(version=VERSIONS[i % len(VERSIONS)], uptime=f"{3 + i}d{4 * i}h")
             await sim.start("127.0.0.1", 0)
         await demo.bouncer.start("127.0.0.1", 0)
@@ -202,9 +203,7 @@ class Demo:
         # The simulators start empty on every run: reconciliation puts the subscribers
         # that are already synced in the database back on them.
         for router_id in self.router_ids:
-            await deps.engine.producer.enqueue(
-                "sync", "sync_router", {"router_id": router_id}, job_id=f"sync_router:{router_id}"
-            )
+            await queue_reconciliation(deps.engine.producer, router_id)
         existing = {
             r["username"]
             for r in await db.fetch(
@@ -329,8 +328,8 @@ class Demo:
         for sim in self.routers:
             if not sim.listening:
                 continue  # the router is down: nobody gets in
-            online = {row["name"] for row in sim.items("/ppp/active")}
-            for secret in sim.items("/ppp/secret"):
+            online = {row["name"] for row in sim.items(menus.PPP_ACTIVE)}
+            for secret in sim.items(menus.PPP_SECRET):
                 name = secret["name"]
                 if name not in online and secret.get("disabled") != "true":
                     if random.random() < 0.5:
@@ -338,8 +337,8 @@ class Demo:
                             sim.connect_session(name, uptime=random.uniform(0, 86400))
                 elif name in online and random.random() < 0.005:
                     sim.disconnect_session(name)
-            online = {row["user"] for row in sim.items("/ip/hotspot/active")}
-            for user in sim.items("/ip/hotspot/user"):
+            online = {row["user"] for row in sim.items(menus.HOTSPOT_ACTIVE)}
+            for user in sim.items(menus.HOTSPOT_USER):
                 idle = user["name"] not in online and user.get("disabled") != "true"
                 if idle and random.random() < 0.5:
                     with contextlib.suppress(ValueError):

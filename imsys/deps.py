@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 
 import aiohttp
 import asyncpg
 from redis.asyncio import Redis
 
 from imsys.publisher import EventPublisher
-from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.streams.engine import Engine
-from imsys.sync.circuit import RouterCircuit
 
 
 @dataclass(frozen=True)
@@ -22,6 +21,7 @@ class Deps:
     db: asyncpg.Pool
     engine: Engine
     http: aiohttp.ClientSession
-    routers: RouterPool
-    circuit: RouterCircuit
     events: EventPublisher
+    # What a domain's own context holds open (sync's router pool): each domain pushes
+    # its closing here when it registers; the owner of ``Deps`` closes it at shutdown.
+    closing: AsyncExitStack = field(default_factory=AsyncExitStack)

@@ -14,12 +14,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import orjson
 import structlog
+from pydantic import BaseModel
 
 from imsys.enqueue import enqueue_unique_many
 from imsys.logging import redact_text
 from imsys.streams.backoff import REDIS_DOWN, Backoff
+from imsys.streams.job import JobSpec
 from imsys.streams.producer import Producer
 
 if TYPE_CHECKING:
@@ -37,26 +38,28 @@ RUNNING_RETRY = "1 second"
 
 async def add(
     conn: Conn,
-    stream: str,
-    type_: str,
-    payload: Mapping[str, Any],
+    spec: JobSpec[Any],
+    payload: BaseModel | Mapping[str, Any],
     *,
     job_id: str | None = None,
 ) -> None:
-    """Write one outbox row on ``conn`` (inside the caller's transaction)."""
+    """Write one outbox row of ``spec``'s job on ``conn`` (inside the caller's transaction);
+    the payload is validated first (InvalidJob)."""
     await conn.execute(
         "INSERT INTO outbox (stream, type, payload, job_id) VALUES ($1, $2, $3::jsonb, $4)",
-        stream,
-        type_,
-        orjson.dumps(payload).decode(),
+        spec.stream,
+        spec.name,
+        spec.dump(payload),
         job_id,
     )
 
 
 async def add_many(
-    conn: Conn, stream: str, type_: str, rows: list[tuple[dict[str, Any], str | None]]
+    conn: Conn,
+    spec: JobSpec[Any],
+    rows: list[tuple[BaseModel | Mapping[str, Any], str | None]],
 ) -> None:
-    """Many outbox rows in one statement (a sweep suspending hundreds at once)."""
+    """Many outbox rows of ``spec``'s job in one statement (a sweep suspending hundreds)."""
     if not rows:
         return
     await conn.execute(
@@ -64,9 +67,9 @@ async def add_many(
         INSERT INTO outbox (stream, type, payload, job_id)
         SELECT $1, $2, p::jsonb, j FROM unnest($3::text[], $4::text[]) AS u(p, j)
         """,
-        stream,
-        type_,
-        [orjson.dumps(p).decode() for p, _ in rows],
+        spec.stream,
+        spec.name,
+        [spec.dump(p) for p, _ in rows],
         [j for _, j in rows],
     )
 

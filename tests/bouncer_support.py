@@ -160,7 +160,7 @@ async def bouncer_stack(
     await sim.start()
     settings = bouncer_settings(settings, sim, **batching)
     deps = build_deps(settings, redis, db, consumer=f"{settings.redis.prefix}-b")
-    engine, http, routers = deps.engine, deps.http, deps.routers
+    engine, http = deps.engine, deps.http
     await engine.prepare()
     app = build_app(engine, redis, db, TOKEN)
     api_bouncer.add_routes(app, deps)
@@ -168,7 +168,7 @@ async def bouncer_stack(
         async with TestClient(TestServer(app, host="127.0.0.1")) as api:
             yield BouncerStack(deps, BouncerContext.from_deps(deps), sim, api)
     finally:
-        await routers.close()
+        await deps.closing.aclose()
         await http.close()
         await sim.stop()
         await clean(db)

@@ -19,13 +19,11 @@ import orjson
 from aiosmtpd.controller import Controller
 from redis.asyncio import Redis
 
-from imsys.app import make_circuit
 from imsys.deps import Deps
 from imsys.events import domain as events_domain
 from imsys.events.channels import ChannelControl
 from imsys.providers.config import SmtpConfig, WhatsAppConfig
 from imsys.publisher import EventPublisher
-from imsys.routeros import RouterPool
 from imsys.settings import EventsSettings, Settings
 from imsys.sim.gateway import GatewaySimulator
 from imsys.streams.deadletters import DeadLetter
@@ -184,8 +182,6 @@ async def events_stack(
         db=db,
         engine=engine,
         http=http,
-        routers=RouterPool(),
-        circuit=make_circuit(settings, redis),
         events=EventPublisher(redis, engine.keys),
     )
     events_domain.register(deps)
@@ -194,6 +190,6 @@ async def events_stack(
         yield EventsStack(deps, gateway, mail, ChannelControl.from_deps(deps))
     finally:
         await http.close()
-        await deps.routers.close()
+        await deps.closing.aclose()
         await asyncio.to_thread(controller.stop)
         await gateway.stop()

@@ -20,10 +20,10 @@ from imsys.app import build_deps
 from imsys.deps import Deps
 from imsys.network import models, service
 from imsys.outbox import OutboxRelay
-from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.sim.routeros import RouterOSSimulator
 from imsys.streams.engine import Engine
+from imsys.sync.context import SyncContext
 from imsys.sync.service import subscriber_changed
 
 ROUTER_PASSWORD = "r0uter-pass"
@@ -32,6 +32,8 @@ ROUTER_PASSWORD = "r0uter-pass"
 @dataclass
 class Stack:
     deps: Deps
+    # Sync's context for calling its functions directly (a router pool of its own).
+    sync: SyncContext
     sims: list[RouterOSSimulator]
     relay: OutboxRelay
     tenant_id: int
@@ -123,7 +125,7 @@ def sync_settings(settings: Settings) -> Settings:
 
 async def make_stack(
     settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str, routers: int = 1
-) -> tuple[Stack, aiohttp.ClientSession, RouterPool]:
+) -> tuple[Stack, aiohttp.ClientSession, SyncContext]:
     settings = sync_settings(settings)
     await db.execute("DELETE FROM outbox")
     sims = []
@@ -135,7 +137,7 @@ async def make_stack(
         await sim.start()
         sims.append(sim)
     deps = build_deps(settings, redis, db, consumer=f"{prefix}-c")
-    engine, http, pool = deps.engine, deps.http, deps.routers
+    engine, http, sync = deps.engine, deps.http, SyncContext.build(deps)
     await engine.prepare()
     tenant = await service.create_tenant(db, models.TenantIn(name=f"tenant-{prefix}"))
     router_ids = []
@@ -166,6 +168,7 @@ async def make_stack(
     )
     stack = Stack(
         deps=deps,
+        sync=sync,
         sims=sims,
         relay=OutboxRelay(db, engine.producer, poll_s=0.05),
         tenant_id=tenant["id"],
@@ -174,7 +177,7 @@ async def make_stack(
         premium=premium["id"],
         prefix=prefix,
     )
-    return stack, http, pool
+    return stack, http, sync
 
 
 @pytest.fixture
@@ -214,9 +217,10 @@ async def isolated_stack(
     await pool.close()
 
 
-async def _teardown(s: Stack, http: aiohttp.ClientSession, pool: RouterPool) -> None:
+async def _teardown(s: Stack, http: aiohttp.ClientSession, sync: SyncContext) -> None:
     await s.db.execute("DELETE FROM outbox")
-    await pool.close()
+    await sync.close()
+    await s.deps.closing.aclose()
     await http.close()
     for sim in s.sims:
         await sim.stop()

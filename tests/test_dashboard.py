@@ -81,7 +81,7 @@ async def populate(stack: Stack) -> dict[str, str]:
     for name in ("alice", "bob", "carol"):
         await stack.add_subscriber(name)
     await stack.settle()
-    await all_router_facts(stack.deps)
+    await all_router_facts(stack.sync)
     engine = stack.engine
     await engine.producer.enqueue("billing", "no_such_type", {"invoice_id": 7})
     assert await engine.consumers["billing"].process_once(block_ms=10) == 1

@@ -173,7 +173,7 @@ async def test_router_create_never_shows_its_password(api: Client, stack: Stack)
 async def test_router_read_shows_live_status(api: Client, stack: Stack) -> None:
     """GET /api/routers[/id] carries the facts pulled from the router and its circuit state."""
     stack.sim.set_resource(version="7.15.3 (stable)", uptime="1d2h3m4s")
-    await router_facts(stack.deps, await load_router(stack.db, stack.router_id))
+    await router_facts(stack.sync, await load_router(stack.db, stack.router_id))
     one = await get_json(api, f"/api/routers/{stack.router_id}")
     assert one["online"] is True
     assert one["version"] == "7.15.3 (stable)"
@@ -185,7 +185,7 @@ async def test_router_read_shows_live_status(api: Client, stack: Stack) -> None:
     assert listed["routers"][0]["version"] == "7.15.3 (stable)"
 
     await stack.sim.go_down()  # drops the pooled connection too
-    await router_facts(stack.deps, await load_router(stack.db, stack.router_id))
+    await router_facts(stack.sync, await load_router(stack.db, stack.router_id))
     down = await get_json(api, f"/api/routers/{stack.router_id}")
     assert down["online"] is False
     assert down["circuit"] == "open"
@@ -290,7 +290,7 @@ async def test_new_subscriber_is_pending_then_synced(api: Client, stack: Stack) 
     assert "password" not in row
 
     stack.sim.connect_session("alice", address="10.9.8.7")
-    await router_facts(stack.deps, await load_router(stack.db, stack.router_id))
+    await router_facts(stack.sync, await load_router(stack.db, stack.router_id))
     live = await get_json(api, f"/api/subscribers/{sid}")
     assert live["online"] is True
     assert live["address"] == "10.9.8.7"

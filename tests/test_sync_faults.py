@@ -141,7 +141,7 @@ async def test_plan_is_a_dry_run(stack: Stack) -> None:
     await stack.settle()
     hand_edit(stack, "set", **{".id": stack.secrets()["uma"][".id"], "profile": "premium"})
     writes = sum(stack.sim.writes.values())
-    result = (await build_plan(stack.deps, await load_router(stack.db, stack.router_id))).as_dict()
+    result = (await build_plan(stack.sync, await load_router(stack.db, stack.router_id))).as_dict()
     assert result["changes"] == [
         {
             "subscriber_id": sid,
@@ -252,7 +252,7 @@ async def test_router_facts_update_router_and_subscribers(stack: Stack) -> None:
     await stack.settle()
     stack.sim.set_resource(version="7.16.2 (stable)", uptime="1w2d3h4m5s", cpu_load=37)
     stack.sim.connect_session("zoe", address="100.64.0.7", uptime=125.0)
-    await router_facts(stack.deps, await load_router(stack.db, stack.router_id))
+    await router_facts(stack.sync, await load_router(stack.db, stack.router_id))
     router = await service.get_router(stack.db, stack.router_id)
     assert (router["online"], router["version"], router["uptime"], router["cpu_load"]) == (
         True,
@@ -265,7 +265,7 @@ async def test_router_facts_update_router_and_subscribers(stack: Stack) -> None:
     assert zoe["uptime"] == "2m5s"
     assert (await stack.subscriber(other))["online"] is False
     await stack.sim.go_down()
-    await router_facts(stack.deps, await load_router(stack.db, stack.router_id))
+    await router_facts(stack.sync, await load_router(stack.db, stack.router_id))
     assert (await service.get_router(stack.db, stack.router_id))["online"] is False
     await stack.sim.come_up()
 

@@ -17,7 +17,8 @@ from imsys.errors import FencedOut
 from imsys.streams.job import Job
 from imsys.streams.keys import GROUP
 from imsys.sync import handlers
-from imsys.sync.handlers import RouterJob, SyncSubscriber, reboot_router, sync_subscriber
+from imsys.sync.handlers import reboot_router, sync_subscriber
+from imsys.sync.jobs import RouterJob, SyncSubscriber
 from imsys.sync.reconcile import sync_router
 from tests.sync_support import Stack
 
@@ -100,7 +101,7 @@ async def test_stale_run_after_another_claim_writes_nothing_and_no_false_error(
         await stack.deps.redis.xclaim(key, GROUP, "other-b", 0, [entry_id])
         _, job_b = registry.parse("sync", entry_id, fields)
         job_b.delivery = 2
-        await sync_subscriber(stack.deps, job_b)
+        await sync_subscriber(stack.sync, job_b)
 
     if freeze_at == "before_the_twin_check":
         # Frozen after reading the router, before looking for a same-named entry: the
@@ -121,7 +122,7 @@ async def test_stale_run_after_another_claim_writes_nothing_and_no_false_error(
     job_a.fence = fence
 
     with pytest.raises(FencedOut):
-        await sync_subscriber(stack.deps, job_a)
+        await sync_subscriber(stack.sync, job_a)
 
     assert [e["name"] for e in stack.sim.items(SECRET)] == ["stale"]
     assert stack.sim.writes[SECRET] == 1
@@ -141,7 +142,7 @@ async def test_fenced_out_before_the_first_write_changes_nothing(stack: Stack) -
     sid = await stack.add_subscriber("fenced")
     job = a_job(SyncSubscriber(subscriber_id=sid), "sync_subscriber", lost)
     with pytest.raises(FencedOut):
-        await sync_subscriber(stack.deps, job)
+        await sync_subscriber(stack.sync, job)
     assert stack.sim.items(SECRET) == []
     assert sum(stack.sim.writes.values()) == 0
     assert (await stack.subscriber(sid))["sync_status"] == "pending"
@@ -163,7 +164,7 @@ async def test_fenced_out_at_the_status_write_marks_nothing(stack: Stack) -> Non
 
     job = a_job(SyncSubscriber(subscriber_id=sid), "sync_subscriber", lost_after_the_add)
     with pytest.raises(FencedOut):
-        await sync_subscriber(stack.deps, job)
+        await sync_subscriber(stack.sync, job)
     assert checks == 2  # before the add, then inside the status transaction
     assert [e["name"] for e in stack.sim.items(SECRET)] == ["late"]
     assert (await stack.subscriber(sid))["sync_status"] == "pending"
@@ -176,7 +177,7 @@ async def test_fenced_out_at_the_error_write_marks_no_error(stack: Stack) -> Non
     sid = await stack.add_subscriber("twin")
     job = a_job(SyncSubscriber(subscriber_id=sid), "sync_subscriber", lost)
     with pytest.raises(FencedOut):
-        await sync_subscriber(stack.deps, job)
+        await sync_subscriber(stack.sync, job)
     row = await stack.subscriber(sid)
     assert (row["sync_status"], row["sync_error"]) == ("pending", None)
     assert await events(stack, "subscriber_sync_failed", sid) == 0
@@ -191,7 +192,7 @@ async def test_fenced_reconciliation_removes_nothing_and_marks_nothing(stack: St
     stack.sim.add_item(SECRET, name="ghost", password="x", profile="basic", comment="imsys:sub=0")
     job = a_job(RouterJob(router_id=stack.router_id), "sync_router", lost)
     with pytest.raises(FencedOut):
-        await sync_router(stack.deps, job)
+        await sync_router(stack.sync, job)
     assert list(stack.secrets()) == ["ghost"]
     assert (await stack.subscriber(sid))["sync_status"] == "synced"
     assert await stack.db.fetchval("SELECT count(*) FROM outbox") == 0
@@ -204,7 +205,7 @@ async def test_fenced_reconciliation_without_orphans_marks_nothing(stack: Stack)
     stack.sim.state.execute(SECRET, "remove", {".id": stack.secrets()["drift2"][".id"]}, [])
     job = a_job(RouterJob(router_id=stack.router_id), "sync_router", lost)
     with pytest.raises(FencedOut):
-        await sync_router(stack.deps, job)
+        await sync_router(stack.sync, job)
     assert (await stack.subscriber(sid))["sync_status"] == "synced"
     assert await stack.db.fetchval("SELECT count(*) FROM outbox") == 0
 
@@ -214,6 +215,6 @@ async def test_fenced_reboot_sends_no_reboot(stack: Stack) -> None:
     boots = stack.sim.boots
     job = a_job(RouterJob(router_id=stack.router_id), "reboot_router", lost)
     with pytest.raises(FencedOut):
-        await reboot_router(stack.deps, job)
+        await reboot_router(stack.sync, job)
     assert stack.sim.boots == boots
     assert not any("/system/reboot" in " ".join(c.words) for c in stack.sim.commands)

@@ -21,7 +21,7 @@ def wipe(stack: Stack) -> None:
 
 async def facts(stack: Stack) -> None:
     """One tick of the router facts timer, for this test's router."""
-    await router_facts(stack.deps, await load_router(stack.db, stack.router_id))
+    await router_facts(stack.sync, await load_router(stack.db, stack.router_id))
 
 
 async def statuses(stack: Stack, ids: list[int]) -> set[str]:

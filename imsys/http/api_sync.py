@@ -16,9 +16,16 @@ from imsys.http.json import ApiError, json_response, read_json
 from imsys.network import models, service
 from imsys.network.errors import Conflict, Invalid, NotFound
 from imsys.routeros import RouterError
-from imsys.sync.reconcile import build_plan
+from imsys.sync.context import circuit_open
+from imsys.sync.reconcile import dry_run
 from imsys.sync.repo import load_router
-from imsys.sync.service import request_sync, subscriber_changed
+from imsys.sync.service import (
+    queue_expiry,
+    queue_reboot,
+    queue_reconciliation,
+    request_sync,
+    subscriber_changed,
+)
 
 DEPS: web.AppKey[Any] = web.AppKey("deps", object)
 
@@ -98,8 +105,8 @@ async def post_router(request: web.Request) -> web.Response:
 
 
 async def _with_circuit(request: web.Request, router: dict[str, Any]) -> dict[str, Any]:
-    state = await request.app[DEPS].circuit.state(router["id"])
-    return {**router, "circuit": "open" if state else "closed"}
+    is_open = await circuit_open(request.app[DEPS], router["id"])
+    return {**router, "circuit": "open" if is_open else "closed"}
 
 
 @domain_errors
@@ -121,7 +128,7 @@ async def post_router_plan(request: web.Request) -> web.Response:
     if router is None:
         raise NotFound(f"router {int_param(request)}")
     try:
-        result = await build_plan(deps, router)
+        result = await dry_run(deps, router)
     except Deferred as exc:
         raise ApiError(503, f"cannot read the router now: {exc}") from None
     except RouterError as exc:
@@ -142,15 +149,8 @@ async def post_guard_confirm(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     row = await service.confirm_guard(deps.db, int_param(request), body.minutes)
     # Run the sweep and reconciliation again now that they may pass.
-    await deps.engine.producer.enqueue(
-        "sync",
-        "expire_tenant",
-        {"tenant_id": row["tenant_id"]},
-        job_id=f"expire_tenant:{row['tenant_id']}",
-    )
-    await deps.engine.producer.enqueue(
-        "sync", "sync_router", {"router_id": row["id"]}, job_id=f"sync_router:{row['id']}"
-    )
+    await queue_expiry(deps.engine.producer, row["tenant_id"])
+    await queue_reconciliation(deps.engine.producer, row["id"])
     return json_response(row)
 
 
@@ -159,12 +159,7 @@ async def post_router_reboot(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     router_id = int_param(request)
     await service.get_router(deps.db, router_id)
-    result = await deps.engine.producer.enqueue(
-        "sync",
-        "reboot_router",
-        {"router_id": router_id, "correlation_id": correlation_id(request)},
-        job_id=f"reboot_router:{router_id}",
-    )
+    result = await queue_reboot(deps.engine.producer, router_id, correlation_id(request))
     return json_response({"queued": not result.duplicate}, status=202)
 
 

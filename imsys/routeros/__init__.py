@@ -2,7 +2,7 @@
 
     pool = RouterPool()
     async with pool.session(target) as ros:
-        rows = await ros.print("/ppp/secret", where={"name": "alice"})
+        rows = await ros.print(menus.PPP_SECRET, where={"name": "alice"})
     await pool.close()
 
 Values go both ways as the router's own strings. Failures arrive as the errors below
@@ -11,6 +11,7 @@ Values go both ways as the router's own strings. Failures arrive as the errors b
 
 from __future__ import annotations
 
+from imsys.routeros import menus
 from imsys.routeros.errors import (
     AlreadyExists,
     InvalidValue,
@@ -39,5 +40,6 @@ __all__ = [
     "RouterTrap",
     "RouterUnavailable",
     "is_true",
+    "menus",
     "parse_uptime",
 ]

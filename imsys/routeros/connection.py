@@ -26,6 +26,7 @@ from imsys.routeros.errors import (
     RouterUnavailable,
     trap_class,
 )
+from imsys.routeros.menus import SYSTEM_REBOOT
 from imsys.routeros.target import RouterTarget
 from imsys.routeros.words import check_ascii
 
@@ -265,8 +266,8 @@ class Connection:
         return reply
 
     async def reboot(self) -> None:
-        """`/system/reboot` answers nothing: the connection dropping is the success."""
-        command = "/system/reboot"
+        """A reboot answers nothing: the connection dropping is the success."""
+        command = SYSTEM_REBOOT
         sent = False
         reply: Reply | None = None
         try:

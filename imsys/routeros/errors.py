@@ -83,11 +83,6 @@ _TRAP_CLASSES: tuple[tuple[tuple[str, ...], type[RouterTrap]], ...] = (
     (("no such item",), NoSuchItem),
     (("input does not match any value",), InvalidValue),
 )
-_BAD_LOGIN = "invalid user name or password"
-
-
-def is_bad_login(message: str) -> bool:
-    return _BAD_LOGIN in message.lower()
 
 
 def trap_class(message: str) -> type[RouterTrap]:

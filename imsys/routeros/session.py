@@ -10,6 +10,13 @@ import structlog
 
 from imsys.routeros.connection import Connection, Reply
 from imsys.routeros.errors import NoSuchItem, RouterInputError
+from imsys.routeros.menus import (
+    HOTSPOT_ACTIVE,
+    HOTSPOT_USER,
+    PPP_ACTIVE,
+    PPP_SECRET,
+    SYSTEM_RESOURCE,
+)
 from imsys.routeros.target import RouterTarget
 from imsys.routeros.words import (
     attribute_words,
@@ -21,12 +28,6 @@ from imsys.routeros.words import (
 )
 
 log = structlog.get_logger("imsys.routeros")
-
-PPP_SECRET = "/ppp/secret"  # noqa: S105  a menu path, not a password
-PPP_ACTIVE = "/ppp/active"
-HOTSPOT_USER = "/ip/hotspot/user"
-HOTSPOT_ACTIVE = "/ip/hotspot/active"
-SYSTEM_RESOURCE = "/system/resource"
 
 
 class ConnectionLease(Protocol):
@@ -72,7 +73,7 @@ class RouterSession:
         where: Mapping[str, str] | None = None,
         proplist: list[str] | None = None,
     ) -> list[dict[str, str]]:
-        """Rows of `menu` (e.g. "/ppp/secret") whose fields equal all of `where`,
+        """Rows of `menu` (e.g. `menus.PPP_SECRET`) whose fields equal all of `where`,
         limited to the `proplist` fields when given."""
         path = menu_path(menu)
         words = [*proplist_words(proplist), *query_words(where)]
@@ -145,7 +146,7 @@ class RouterSession:
         return removed
 
     async def resource(self) -> dict[str, str]:
-        """/system/resource: version, uptime, cpu-load, board-name and the rest."""
+        """The system resource: version, uptime, cpu-load, board-name and the rest."""
         rows = await self.print(SYSTEM_RESOURCE)
         return rows[0] if rows else {}
 

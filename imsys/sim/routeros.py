@@ -311,9 +311,6 @@ class RouterOSSimulator(ApiResponder):
         """The PPP subscriber hangs up by themselves; returns how many sessions ended."""
         return self.state.end_sessions("/ppp/active", name)
 
-    def logout_hotspot(self, user: str) -> int:
-        return self.state.end_sessions("/ip/hotspot/active", user)
-
     @property
     def sessions_survive_remove(self) -> bool:
         """When true, removing an active session answers !done but the session stays."""

@@ -58,6 +58,14 @@ class Keys:
     def flag(self, name: str) -> str:
         return f"{self.prefix}:flag:{name}"
 
+    def router_circuit(self, router_id: int) -> str:
+        """A router's circuit breaker (sync): failures and open-until."""
+        return f"{self.prefix}:router:{router_id}:circuit"
+
+    def router_probe(self, router_id: int) -> str:
+        """The one probe let through a router's closing circuit (sync)."""
+        return f"{self.prefix}:router:{router_id}:probe"
+
     def channel(self, channel: str) -> str:
         """A delivery channel's state (events: ``service_control``)."""
         return f"{self.prefix}:service:{channel}"

@@ -13,23 +13,24 @@ import time
 from redis.asyncio import Redis
 
 from imsys.errors import Deferred
+from imsys.streams.keys import Keys
 
 
 class RouterCircuit:
     def __init__(
-        self, redis: Redis, prefix: str, *, cooldown_s: float, max_s: float, probe_s: float
+        self, redis: Redis, keys: Keys, *, cooldown_s: float, max_s: float, probe_s: float
     ) -> None:
         self.redis = redis
-        self.prefix = prefix
+        self.keys = keys
         self.cooldown_s = cooldown_s
         self.max_s = max_s
         self.probe_ms = int(probe_s * 1000)
 
     def _key(self, router_id: int) -> str:
-        return f"{self.prefix}:router:{router_id}:circuit"
+        return self.keys.router_circuit(router_id)
 
     def _probe_key(self, router_id: int) -> str:
-        return f"{self.prefix}:router:{router_id}:probe"
+        return self.keys.router_probe(router_id)
 
     async def state(self, router_id: int) -> dict[str, float]:
         raw: dict[str, str] = await self.redis.hgetall(self._key(router_id))  # type: ignore[assignment]

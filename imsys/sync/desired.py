@@ -9,17 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-PPP_SECRET = "/ppp/secret"  # noqa: S105 - a menu path, not a password
-HOTSPOT_USER = "/ip/hotspot/user"
-PPP_ACTIVE = "/ppp/active"
-HOTSPOT_ACTIVE = "/ip/hotspot/active"
-MENU_BY_SERVICE = {"pppoe": PPP_SECRET, "hotspot": HOTSPOT_USER}
-
-_TRUE = {"true", "yes"}
-
-
-def is_true(value: Any) -> bool:
-    return str(value).lower() in _TRUE
+from imsys.routeros import is_true
+from imsys.routeros.menus import LOGIN_BY_SERVICE
 
 
 def marker(tag: str, subscriber_id: int) -> str:
@@ -50,7 +41,7 @@ class Desired:
     present: bool  # False once the subscriber is deleted
 
     def menu(self) -> str:
-        return MENU_BY_SERVICE[self.service]
+        return LOGIN_BY_SERVICE[self.service]
 
     def fields(self, tag: str) -> dict[str, str]:
         out = {
@@ -66,15 +57,14 @@ class Desired:
 
 
 @dataclass(slots=True)
-class Plan:
-    """The router commands that would bring one subscriber in line."""
+class MenuChange:
+    """The commands for one menu: add an entry, set fields of one, remove some."""
 
-    subscriber_id: int
+    menu: str
     add: dict[str, str] | None = None
     set: dict[str, str] = field(default_factory=dict)
     set_id: str | None = None
-    remove: list[tuple[str, str]] = field(default_factory=list)  # (menu, id)
-    menu: str = ""
+    remove: list[str] = field(default_factory=list)  # .id
 
     @property
     def empty(self) -> bool:
@@ -82,49 +72,83 @@ class Plan:
 
     @property
     def disables(self) -> bool:
-        """Whether the plan cuts the subscriber off (used by the mass-disconnect guard)."""
         return bool(self.remove) or self.set.get("disabled") == "yes"
 
+
+@dataclass(slots=True)
+class Plan:
+    """The router commands that would bring one subscriber in line, menu by menu."""
+
+    subscriber_id: int
+    changes: list[MenuChange] = field(default_factory=list)
+
+    def change(self, menu: str) -> MenuChange:
+        """The change to ``menu``, added (empty) when the plan has none yet."""
+        for c in self.changes:
+            if c.menu == menu:
+                return c
+        c = MenuChange(menu)
+        self.changes.append(c)
+        return c
+
+    @property
+    def empty(self) -> bool:
+        return all(c.empty for c in self.changes)
+
+    @property
+    def disables(self) -> bool:
+        """Whether the plan cuts the subscriber off (used by the mass-disconnect guard)."""
+        return any(c.disables for c in self.changes)
+
     def describe(self) -> list[dict[str, Any]]:
-        """The plan as data for the dry run and the audit log (no passwords)."""
-        out: list[dict[str, Any]] = []
-        if self.add is not None:
-            out.append({"action": "add", "menu": self.menu, "fields": _public(self.add)})
-        if self.set:
-            out.append(
-                {"action": "set", "menu": self.menu, "id": self.set_id, "fields": _public(self.set)}
-            )
-        out.extend({"action": "remove", "menu": m, "id": i} for m, i in self.remove)
+        """The plan as data for the dry run and the audit log (no passwords): the adds,
+        the sets, then the removes."""
+        adds = [
+            {"action": "add", "menu": c.menu, "fields": public_fields(c.add)}
+            for c in self.changes
+            if c.add is not None
+        ]
+        sets = [
+            {"action": "set", "menu": c.menu, "id": c.set_id, "fields": public_fields(c.set)}
+            for c in self.changes
+            if c.set
+        ]
+        removes = [
+            {"action": "remove", "menu": c.menu, "id": i} for c in self.changes for i in c.remove
+        ]
+        out: list[dict[str, Any]] = [*adds, *sets, *removes]
         return out
 
 
-def _public(fields: dict[str, str]) -> dict[str, str]:
+def public_fields(fields: dict[str, str]) -> dict[str, str]:
+    """``fields`` fit for the audit log and the dry run: the password masked."""
     return {k: ("***" if k == "password" else v) for k, v in fields.items()}
 
 
 def plan(desired: Desired, managed: dict[str, list[dict[str, str]]], tag: str) -> Plan:
     """Diff ``desired`` against the managed entries found for it, per menu."""
-    p = Plan(desired.subscriber_id, menu=desired.menu())
+    p = Plan(desired.subscriber_id)
     want = desired.fields(tag)
     for menu, entries in managed.items():
         keep = desired.present and menu == desired.menu()
         for i, entry in enumerate(entries):
             # A second managed entry for one subscriber (a hand copy) goes too.
             if not keep or i > 0:
-                p.remove.append((menu, entry[".id"]))
+                p.change(menu).remove.append(entry[".id"])
     current = managed.get(desired.menu(), [])
     if not desired.present:
         return p
+    login = p.change(desired.menu())
     if not current:
-        p.add = want
+        login.add = want
         return p
     entry = current[0]
-    p.set_id = entry[".id"]
+    login.set_id = entry[".id"]
     for key in ("name", "password", "profile"):
         if str(entry.get(key, "")) != want[key]:
-            p.set[key] = want[key]
+            login.set[key] = want[key]
     if is_true(entry.get("disabled", "false")) != desired.disabled:
-        p.set["disabled"] = want["disabled"]
+        login.set["disabled"] = want["disabled"]
     return p
 
 

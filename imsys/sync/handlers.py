@@ -9,44 +9,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import structlog
-from pydantic import BaseModel, Field
 
-from imsys.deps import Deps
 from imsys.errors import Deferred, FencedOut, PermanentError, RetryableError
 from imsys.routeros import RouterSession, RouterTarget, RouterUnavailable
+from imsys.routeros.menus import HOTSPOT_ACTIVE, LOGIN_BY_SERVICE, PPP_ACTIVE, SYSTEM_REBOOT
 from imsys.streams.job import Job
 from imsys.sync import repo
-from imsys.sync.desired import (
-    HOTSPOT_ACTIVE,
-    HOTSPOT_USER,
-    MENU_BY_SERVICE,
-    PPP_ACTIVE,
-    PPP_SECRET,
-    Plan,
-    marker,
-    plan,
-)
+from imsys.sync.context import SyncContext
+from imsys.sync.desired import Plan, marker, plan, public_fields
+from imsys.sync.jobs import RouterJob, SyncSubscriber
 
 log = structlog.get_logger("imsys.sync")
 
 T = TypeVar("T")
-
-# Ids are bigint columns: a larger value can never name a row (a permanent error).
-DbId = Annotated[int, Field(ge=1, le=2**63 - 1)]
-
-
-class SyncSubscriber(BaseModel):
-    subscriber_id: DbId
-    correlation_id: str | None = None
-    cause: str = "api"
-
-
-class RouterJob(BaseModel):
-    router_id: DbId
-    correlation_id: str | None = None
 
 
 class SessionSurvived(RetryableError):
@@ -57,7 +35,7 @@ class NotManaged(PermanentError):
     """An entry with the subscriber's name exists on the router but is not imsys's."""
 
 
-def router_target(deps: Deps, row: Any) -> RouterTarget:
+def router_target(ctx: SyncContext, row: Any) -> RouterTarget:
     return RouterTarget(
         router_id=row["id"],
         host=row["host"],
@@ -66,13 +44,13 @@ def router_target(deps: Deps, row: Any) -> RouterTarget:
         password=row["password"],
         use_tls=row["use_tls"],
         max_concurrency=row["max_concurrency"],
-        timeout=deps.settings.sync.router_timeout_s,
+        timeout=ctx.settings.sync.router_timeout_s,
     )
 
 
 @asynccontextmanager
 async def router_session(
-    deps: Deps, router: Any, job: Job[Any] | None = None
+    ctx: SyncContext, router: Any, job: Job[Any] | None = None
 ) -> AsyncIterator[RouterSession]:
     """A session to ``router`` under its cross-process limit and its circuit breaker.
 
@@ -81,36 +59,36 @@ async def router_session(
     claim is no longer provably this process's (``Job.check_claim``).
     """
     router_id = router["id"]
-    await deps.circuit.check(router_id)
+    await ctx.circuit.check(router_id)
     try:
         async with (
-            deps.engine.limiter.slot(f"router:{router_id}", router["max_concurrency"]),
-            deps.routers.session(router_target(deps, router)) as ros,
+            ctx.engine.limiter.slot(f"router:{router_id}", router["max_concurrency"]),
+            ctx.routers.session(router_target(ctx, router)) as ros,
         ):
             if job is not None:
                 ros.guard = job.check_claim
             yield ros
     except RouterUnavailable as exc:
-        cooldown = await deps.circuit.failure(router_id)
-        await router_went_offline(deps, router_id, str(exc))
+        cooldown = await ctx.circuit.failure(router_id)
+        await router_went_offline(ctx, router_id, str(exc))
         raise Deferred(f"{exc}; waiting {cooldown:.0f}s for the router", delay=cooldown) from exc
-    await deps.circuit.success(router_id)
+    await ctx.circuit.success(router_id)
     if router["online"] is not True:
-        await router_came_online(deps, router_id)
+        await router_came_online(ctx, router_id)
 
 
-async def router_went_offline(deps: Deps, router_id: int, error: str) -> None:
-    if await repo.set_router_online(deps.db, router_id, False, error):
+async def router_went_offline(ctx: SyncContext, router_id: int, error: str) -> None:
+    if await repo.set_router_online(ctx.db, router_id, False, error):
         log.warning("router_offline", router_id=router_id, error=error)
-        await deps.events.publish("router_offline", {"router_id": router_id, "error": error})
+        await ctx.events.publish("router_offline", {"router_id": router_id, "error": error})
 
 
-async def router_came_online(deps: Deps, router_id: int) -> None:
+async def router_came_online(ctx: SyncContext, router_id: int) -> None:
     """Record the router reachable; back from offline, it is reconciled at once (queued
     with the change by ``set_router_online``): it may have come back empty."""
-    if await repo.set_router_online(deps.db, router_id, True):
+    if await repo.set_router_online(ctx.db, router_id, True):
         log.info("router_online", router_id=router_id)
-        await deps.events.publish("router_online", {"router_id": router_id})
+        await ctx.events.publish("router_online", {"router_id": router_id})
 
 
 async def read_managed(
@@ -119,7 +97,7 @@ async def read_managed(
     """The entries imsys manages for one subscriber, in each menu."""
     mark = marker(tag, subscriber_id)
     return {
-        menu: await ros.print(menu, where={"comment": mark}) for menu in MENU_BY_SERVICE.values()
+        menu: await ros.print(menu, where={"comment": mark}) for menu in LOGIN_BY_SERVICE.values()
     }
 
 
@@ -134,7 +112,7 @@ class Auditor:
 
     def __init__(
         self,
-        deps: Deps,
+        ctx: SyncContext,
         job: Job[Any],
         *,
         correlations: list[str],
@@ -143,7 +121,7 @@ class Auditor:
         router_id: int,
         subscriber_id: int | None,
     ) -> None:
-        self.deps = deps
+        self.ctx = ctx
         self.job = job
         self.correlations = correlations
         self.cause = cause
@@ -160,7 +138,7 @@ class Auditor:
         without awaiting anything, so nothing stands between it and the write.
         """
         ids = await repo.audit_intent(
-            self.deps.db,
+            self.ctx.db,
             correlations=self.correlations,
             cause=self.cause,
             action=action,
@@ -173,29 +151,36 @@ class Auditor:
             await self.job.ensure_current()
             result = await command()
         except FencedOut:
-            await repo.audit_withdraw(self.deps.db, ids)  # nothing was sent
+            await repo.audit_withdraw(self.ctx.db, ids)  # nothing was sent
             raise
         except RouterUnavailable as exc:
             outcome = "unknown: connection lost after sending" if exc.maybe_applied else "failed"
-            await repo.audit_outcome(self.deps.db, ids, f"{outcome}: {exc}")
+            await repo.audit_outcome(self.ctx.db, ids, f"{outcome}: {exc}")
             raise
         except Exception as exc:
-            await repo.audit_outcome(self.deps.db, ids, f"failed: {exc}")
+            await repo.audit_outcome(self.ctx.db, ids, f"failed: {exc}")
             raise
-        await repo.audit_outcome(self.deps.db, ids, "ok")
+        await repo.audit_outcome(self.ctx.db, ids, "ok")
         return result
 
 
 async def apply_plan(ros: RouterSession, p: Plan, audit: Auditor) -> None:
-    for menu, item_id in p.remove:
-        await audit.run(f"remove {menu}", {"id": item_id}, partial(ros.remove, menu, item_id))
-    if p.add is not None:
-        await audit.run(f"add {p.menu}", p.describe()[0]["fields"], partial(ros.add, p.menu, p.add))
-    if p.set and p.set_id is not None:
-        public = {k: ("***" if k == "password" else v) for k, v in p.set.items()}
-        await audit.run(
-            f"set {p.menu}", {"id": p.set_id, **public}, partial(ros.set, p.menu, p.set_id, p.set)
-        )
+    """The removes in every menu, then the adds, then the sets."""
+    for c in p.changes:
+        for item_id in c.remove:
+            await audit.run(
+                f"remove {c.menu}", {"id": item_id}, partial(ros.remove, c.menu, item_id)
+            )
+    for c in p.changes:
+        if c.add is not None:
+            await audit.run(f"add {c.menu}", public_fields(c.add), partial(ros.add, c.menu, c.add))
+    for c in p.changes:
+        if c.set and c.set_id is not None:
+            await audit.run(
+                f"set {c.menu}",
+                {"id": c.set_id, **public_fields(c.set)},
+                partial(ros.set, c.menu, c.set_id, c.set),
+            )
 
 
 async def end_sessions(ros: RouterSession, username: str, audit: Auditor) -> None:
@@ -216,18 +201,18 @@ async def end_sessions(ros: RouterSession, username: str, audit: Auditor) -> Non
         log.info("sessions_ended", username=username, count=kicked)
 
 
-async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
+async def sync_subscriber(ctx: SyncContext, job: Job[SyncSubscriber]) -> None:
     p = job.payload
-    sub = await repo.load_subscriber(deps.db, p.subscriber_id)
+    sub = await repo.load_subscriber(ctx.db, p.subscriber_id)
     if sub is None:
         raise PermanentError(f"subscriber {p.subscriber_id} does not exist")
-    router = await repo.load_router(deps.db, sub.router_id)
+    router = await repo.load_router(ctx.db, sub.router_id)
     if router is None:
         raise PermanentError(f"router {sub.router_id} of subscriber {sub.id} does not exist")
-    tag = deps.settings.sync.comment_tag
+    tag = ctx.settings.sync.comment_tag
     correlations = list(dict.fromkeys([*sub.correlations, p.correlation_id or f"job:{job.id}"]))
     audit = Auditor(
-        deps,
+        ctx,
         job,
         correlations=correlations,
         cause=p.cause,
@@ -237,10 +222,10 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
     )
     kicked = False
     try:
-        async with router_session(deps, router, job) as ros:
+        async with router_session(ctx, router, job) as ros:
             managed = await read_managed(ros, tag, sub.id)
             steps = plan(sub.desired, managed, tag)
-            if steps.add is not None:
+            if any(c.add is not None for c in steps.changes):
                 await _refuse_unmanaged_twin(ros, steps)
             await apply_plan(ros, steps, audit)
             if sub.kick_required or sub.desired.disabled:
@@ -251,8 +236,8 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
     except (PermanentError, RetryableError) as exc:
         # Fenced: a stale run (its claim taken while it stalled) writes no status and
         # publishes nothing; its error may be an artefact of the other run's work.
-        await repo.mark_error(deps.db, sub, str(exc), fence=job.ensure_current)
-        await deps.events.publish(
+        await repo.mark_error(ctx.db, sub, str(exc), fence=job.ensure_current)
+        await ctx.events.publish(
             "subscriber_sync_failed",
             {
                 "subscriber_id": sub.id,
@@ -262,11 +247,11 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
             },
         )
         raise
-    if not await repo.mark_synced(deps.db, sub, kicked=kicked, fence=job.ensure_current):
+    if not await repo.mark_synced(ctx.db, sub, kicked=kicked, fence=job.ensure_current):
         # The desired state changed while we worked: go again with the new one.
         raise Deferred(f"subscriber {sub.id} changed during its sync", delay=0.05)
     changed = [d["action"] for d in steps.describe()]
-    await deps.events.publish(
+    await ctx.events.publish(
         "subscriber_synced",
         {"subscriber_id": sub.id, "router_id": sub.router_id, "changed": changed, "kicked": kicked},
     )
@@ -280,22 +265,24 @@ async def sync_subscriber(deps: Deps, job: Job[SyncSubscriber]) -> None:
 
 
 async def _refuse_unmanaged_twin(ros: RouterSession, steps: Plan) -> None:
-    assert steps.add is not None
-    twins = await ros.print(steps.menu, where={"name": steps.add["name"]})
-    if twins:
-        raise NotManaged(
-            f"{steps.menu} already has an entry named {steps.add['name']!r} that imsys does not "
-            "manage; remove it or tag it on the router before imsys can take over"
-        )
+    for c in steps.changes:
+        if c.add is None:
+            continue
+        twins = await ros.print(c.menu, where={"name": c.add["name"]})
+        if twins:
+            raise NotManaged(
+                f"{c.menu} already has an entry named {c.add['name']!r} that imsys does not "
+                "manage; remove it or tag it on the router before imsys can take over"
+            )
 
 
-async def reboot_router(deps: Deps, job: Job[RouterJob]) -> None:
-    router = await repo.load_router(deps.db, job.payload.router_id)
+async def reboot_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
+    router = await repo.load_router(ctx.db, job.payload.router_id)
     if router is None:
         raise PermanentError(f"router {job.payload.router_id} does not exist")
     correlation = job.payload.correlation_id or f"job:{job.id}"
     audit = Auditor(
-        deps,
+        ctx,
         job,
         correlations=[correlation],
         cause="api",
@@ -303,12 +290,9 @@ async def reboot_router(deps: Deps, job: Job[RouterJob]) -> None:
         router_id=router["id"],
         subscriber_id=None,
     )
-    async with router_session(deps, router) as ros:
-        await audit.run("/system/reboot", {}, ros.reboot)
+    async with router_session(ctx, router) as ros:
+        await audit.run(SYSTEM_REBOOT, {}, ros.reboot)
     # Its jobs wait while it boots instead of failing against it.
-    await deps.circuit.failure(router["id"])
-    await router_went_offline(deps, router["id"], "rebooting")
+    await ctx.circuit.failure(router["id"])
+    await router_went_offline(ctx, router["id"], "rebooting")
     log.info("router_rebooted", router_id=router["id"])
-
-
-SERVICE_MENUS = (PPP_SECRET, HOTSPOT_USER)

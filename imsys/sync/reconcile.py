@@ -14,38 +14,35 @@ from functools import partial
 from typing import Any
 
 import structlog
-from pydantic import BaseModel
 
 from imsys import outbox
 from imsys.deps import Deps
 from imsys.errors import PermanentError
 from imsys.routeros import RouterError
+from imsys.routeros.menus import LOGIN_BY_SERVICE
 from imsys.streams.job import Job
 from imsys.sync import repo
-from imsys.sync.desired import (
-    HOTSPOT_ACTIVE,
-    MENU_BY_SERVICE,
-    PPP_ACTIVE,
-    Plan,
-    parse_marker,
-    plan,
-)
+from imsys.sync.context import SyncContext
+from imsys.sync.desired import Plan, parse_marker, plan
 from imsys.sync.handlers import (
     Auditor,
-    DbId,
-    RouterJob,
     router_came_online,
     router_session,
     router_target,
     router_went_offline,
 )
-from imsys.sync.service import sync_job_id
+from imsys.sync.jobs import (
+    EXPIRE_TENANT,
+    SYNC_ROUTER,
+    SYNC_SUBSCRIBER,
+    ExpireTenant,
+    RouterJob,
+    expire_job_id,
+    reconcile_job_id,
+    sync_job_id,
+)
 
 log = structlog.get_logger("imsys.sync")
-
-
-class ExpireTenant(BaseModel):
-    tenant_id: DbId
 
 
 @dataclass
@@ -83,10 +80,10 @@ class RouterPlan:
 
 
 def guard_verdict(
-    deps: Deps, *, cutting: int, total: int, share: float, overridden: bool
+    ctx: SyncContext, *, cutting: int, total: int, share: float, overridden: bool
 ) -> str | None:
     """Why the guard stops this change, or None when it may go ahead."""
-    if overridden or cutting <= deps.settings.sync.guard_min_count:
+    if overridden or cutting <= ctx.settings.sync.guard_min_count:
         return None
     if cutting > share * max(total, 1):
         return (
@@ -96,11 +93,11 @@ def guard_verdict(
     return None
 
 
-async def build_plan(deps: Deps, router: Any) -> RouterPlan:
-    tag = deps.settings.sync.comment_tag
-    subs = {s.id: s for s in await repo.router_subscribers(deps.db, router["id"])}
-    async with router_session(deps, router) as ros:
-        menus = {menu: await ros.print(menu) for menu in MENU_BY_SERVICE.values()}
+async def build_plan(ctx: SyncContext, router: Any) -> RouterPlan:
+    tag = ctx.settings.sync.comment_tag
+    subs = {s.id: s for s in await repo.router_subscribers(ctx.db, router["id"])}
+    async with router_session(ctx, router) as ros:
+        menus = {menu: await ros.print(menu) for menu in LOGIN_BY_SERVICE.values()}
     found: dict[int, dict[str, list[dict[str, str]]]] = {}
     result = RouterPlan(router["id"], 0, sum(1 for s in subs.values() if s.desired.present))
     for menu, entries in menus.items():
@@ -112,21 +109,23 @@ async def build_plan(deps: Deps, router: Any) -> RouterPlan:
             if sid not in subs:
                 result.orphans.append((menu, entry[".id"], entry.get("name", "")))
             else:
-                found.setdefault(sid, {m: [] for m in MENU_BY_SERVICE.values()})[menu].append(entry)
+                found.setdefault(sid, {m: [] for m in LOGIN_BY_SERVICE.values()})[menu].append(
+                    entry
+                )
     for sid, sub in subs.items():
         if sub.sync_status == "pending":
             result.intended.add(sid)
-        managed = found.get(sid, {m: [] for m in MENU_BY_SERVICE.values()})
+        managed = found.get(sid, {m: [] for m in LOGIN_BY_SERVICE.values()})
         p = plan(sub.desired, managed, tag)
         if not p.empty:
             result.drifted.append((sid, p))
         elif sub.sync_status != "synced" or sub.kick_required:
             result.pending.append(sid)
-    tenant_share = await deps.db.fetchval(
+    tenant_share = await ctx.db.fetchval(
         "SELECT max_disconnect_share::float FROM tenants WHERE id = $1", router["tenant_id"]
     )
     result.guard = guard_verdict(
-        deps,
+        ctx,
         cutting=result.cutting(),
         total=max(result.subscribers, result.managed_entries),
         share=tenant_share,
@@ -135,14 +134,25 @@ async def build_plan(deps: Deps, router: Any) -> RouterPlan:
     return result
 
 
-async def trip_guard(deps: Deps, router_id: int, reason: str, correlation: str, cause: str) -> None:
-    await deps.db.execute(
+async def dry_run(deps: Deps, router: Any) -> RouterPlan:
+    """What reconciliation would do on ``router`` now (the admin API's dry run)."""
+    ctx = SyncContext.build(deps)
+    try:
+        return await build_plan(ctx, router)
+    finally:
+        await ctx.close()
+
+
+async def trip_guard(
+    ctx: SyncContext, router_id: int, reason: str, correlation: str, cause: str
+) -> None:
+    await ctx.db.execute(
         "UPDATE routers SET guard_tripped_at = now(), guard_reason = $2 WHERE id = $1",
         router_id,
         reason,
     )
     await repo.audit(
-        deps.db,
+        ctx.db,
         correlation_id=correlation,
         cause=cause,
         action="guard_tripped",
@@ -153,18 +163,18 @@ async def trip_guard(deps: Deps, router_id: int, reason: str, correlation: str, 
     log.error("mass_disconnect_guard_tripped", router_id=router_id, reason=reason, cause=cause)
 
 
-async def sync_router(deps: Deps, job: Job[RouterJob]) -> None:
-    router = await repo.load_router(deps.db, job.payload.router_id)
+async def sync_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
+    router = await repo.load_router(ctx.db, job.payload.router_id)
     if router is None:
         raise PermanentError(f"router {job.payload.router_id} does not exist")
     correlation = job.payload.correlation_id or f"reconcile:{router['id']}:{job.id}"
-    result = await build_plan(deps, router)
+    result = await build_plan(ctx, router)
     if result.guard:
-        await trip_guard(deps, router["id"], result.guard, correlation, "reconciliation")
+        await trip_guard(ctx, router["id"], result.guard, correlation, "reconciliation")
         return
     if result.orphans:
         audit = Auditor(
-            deps,
+            ctx,
             job,
             correlations=[correlation],
             cause="reconciliation",
@@ -172,7 +182,7 @@ async def sync_router(deps: Deps, job: Job[RouterJob]) -> None:
             router_id=router["id"],
             subscriber_id=None,
         )
-        async with router_session(deps, router, job) as ros:
+        async with router_session(ctx, router, job) as ros:
             for menu, item_id, name in result.orphans:
                 await audit.run(
                     f"remove {menu}",
@@ -186,13 +196,12 @@ async def sync_router(deps: Deps, job: Job[RouterJob]) -> None:
         # The drifted stop showing 'synced' together with the jobs that fix them (one
         # transaction, through the outbox: a kill between the two cannot strand either,
         # and the relay re-publishes a sync that was already running when it arrived).
-        async with deps.db.acquire() as conn, conn.transaction():
+        async with ctx.db.acquire() as conn, conn.transaction():
             await job.ensure_current()
             marked = await repo.mark_pending(conn, drifted)
             await outbox.add_many(
                 conn,
-                "sync",
-                "sync_subscriber",
+                SYNC_SUBSCRIBER,
                 [
                     (
                         {
@@ -215,17 +224,17 @@ async def sync_router(deps: Deps, job: Job[RouterJob]) -> None:
     )
 
 
-async def expire_tenant(deps: Deps, job: Job[ExpireTenant]) -> None:
+async def expire_tenant(ctx: SyncContext, job: Job[ExpireTenant]) -> None:
     """Suspend the tenant's subscribers whose expiry (plus grace) has passed, per router."""
     tenant_id = job.payload.tenant_id
-    tenant = await deps.db.fetchrow(
+    tenant = await ctx.db.fetchrow(
         "SELECT id, grace_period, max_disconnect_share::float AS share FROM tenants WHERE id = $1",
         tenant_id,
     )
     if tenant is None:
         raise PermanentError(f"tenant {tenant_id} does not exist")
     correlation = f"expire:{tenant_id}:{job.id}"
-    rows = await deps.db.fetch(
+    rows = await ctx.db.fetch(
         """
         SELECT s.router_id, array_agg(s.id ORDER BY s.id) AS due,
                (SELECT count(*) FROM subscribers a WHERE a.router_id = s.router_id
@@ -241,16 +250,16 @@ async def expire_tenant(deps: Deps, job: Job[ExpireTenant]) -> None:
     )
     for row in rows:
         reason = guard_verdict(
-            deps,
+            ctx,
             cutting=len(row["due"]),
             total=row["total"],
             share=tenant["share"],
             overridden=bool(row["overridden"]),
         )
         if reason:
-            await trip_guard(deps, row["router_id"], f"expiry sweep {reason}", correlation, "sweep")
+            await trip_guard(ctx, row["router_id"], f"expiry sweep {reason}", correlation, "sweep")
             continue
-        async with deps.db.acquire() as conn, conn.transaction():
+        async with ctx.db.acquire() as conn, conn.transaction():
             # Expiry is a UTC instant; the tenant's time zone plays no part here.
             suspended = await conn.fetch(
                 """
@@ -267,8 +276,7 @@ async def expire_tenant(deps: Deps, job: Job[ExpireTenant]) -> None:
             )
             await outbox.add_many(
                 conn,
-                "sync",
-                "sync_subscriber",
+                SYNC_SUBSCRIBER,
                 [
                     (
                         {"subscriber_id": r["id"], "correlation_id": correlation, "cause": "sweep"},
@@ -286,25 +294,25 @@ async def expire_tenant(deps: Deps, job: Job[ExpireTenant]) -> None:
             )
 
 
-async def router_facts(deps: Deps, router: Any) -> None:
+async def router_facts(ctx: SyncContext, router: Any) -> None:
     """Pull one router's facts and its subscribers' sessions; mark it offline if silent."""
     try:
-        async with deps.routers.session(router_target(deps, router)) as ros:
+        async with ctx.routers.session(router_target(ctx, router)) as ros:
             res = await ros.resource()
             ppp = await ros.active_ppp(None)
             hs = await ros.active_hotspot(None)
     except RouterError as exc:
-        await deps.circuit.failure(router["id"])
-        await router_went_offline(deps, router["id"], str(exc))
+        await ctx.circuit.failure(router["id"])
+        await router_went_offline(ctx, router["id"], str(exc))
         return
     sessions = [("pppoe", a.get("name", ""), a.get("address"), a.get("uptime")) for a in ppp]
     sessions += [("hotspot", a.get("user", ""), a.get("address"), a.get("uptime")) for a in hs]
     cpu = res.get("cpu-load")
     if router["online"] is not True:
-        await router_came_online(deps, router["id"])
-    await deps.circuit.success(router["id"])
+        await router_came_online(ctx, router["id"])
+    await ctx.circuit.success(router["id"])
     rebooted = await repo.record_router_facts(
-        deps.db,
+        ctx.db,
         router["id"],
         version=res.get("version"),
         uptime=res.get("uptime"),
@@ -325,35 +333,32 @@ async def router_facts(deps: Deps, router: Any) -> None:
 FACTS_AT_ONCE = 20
 
 
-async def all_router_facts(deps: Deps) -> None:
-    routers = await deps.db.fetch(repo.ROUTER.replace("WHERE id = $1", ""))
+async def all_router_facts(ctx: SyncContext) -> None:
+    routers = await ctx.db.fetch(repo.ROUTER.replace("WHERE id = $1", ""))
     # Each router on its own: a silent one costs its own timeout, not the others'; a
     # bound keeps a network of hundreds of routers from opening hundreds of sockets.
     gate = asyncio.Semaphore(FACTS_AT_ONCE)
 
     async def one(router: Any) -> None:
         async with gate:
-            await router_facts(deps, router)
+            await router_facts(ctx, router)
 
     await asyncio.gather(*(one(r) for r in routers))
 
 
-async def enqueue_reconciliation(deps: Deps) -> int:
-    routers = await deps.db.fetch("SELECT id FROM routers ORDER BY id")
+async def enqueue_reconciliation(ctx: SyncContext) -> int:
+    routers = await ctx.db.fetch("SELECT id FROM routers ORDER BY id")
     for r in routers:
-        await deps.engine.producer.enqueue(
-            "sync", "sync_router", {"router_id": r["id"]}, job_id=repo.reconcile_job_id(r["id"])
+        await ctx.engine.producer.send(
+            SYNC_ROUTER, {"router_id": r["id"]}, job_id=reconcile_job_id(r["id"])
         )
     return len(routers)
 
 
-async def enqueue_expiry(deps: Deps) -> int:
-    tenants = await deps.db.fetch("SELECT id FROM tenants ORDER BY id")
+async def enqueue_expiry(ctx: SyncContext) -> int:
+    tenants = await ctx.db.fetch("SELECT id FROM tenants ORDER BY id")
     for t in tenants:
-        await deps.engine.producer.enqueue(
-            "sync", "expire_tenant", {"tenant_id": t["id"]}, job_id=f"expire_tenant:{t['id']}"
+        await ctx.engine.producer.send(
+            EXPIRE_TENANT, {"tenant_id": t["id"]}, job_id=expire_job_id(t["id"])
         )
     return len(tenants)
-
-
-ACTIVE_MENUS = (PPP_ACTIVE, HOTSPOT_ACTIVE)

@@ -11,6 +11,7 @@ import orjson
 
 from imsys import outbox
 from imsys.sync.desired import Desired, restarted
+from imsys.sync.jobs import SYNC_ROUTER, reconcile_job_id
 
 if TYPE_CHECKING:
     from imsys.db import Conn, Executor
@@ -232,15 +233,10 @@ async def audit_withdraw(conn: Executor, ids: list[int]) -> None:
     await conn.execute("DELETE FROM audit_log WHERE id = ANY($1::bigint[])", ids)
 
 
-def reconcile_job_id(router_id: int) -> str:
-    """The job id of a router's reconciliation: the timer's and a heal's dedupe."""
-    return f"sync_router:{router_id}"
-
-
 async def queue_reconciliation(conn: Conn, router_id: int) -> None:
     """Reconcile the router now (in the caller's transaction, through the outbox)."""
     await outbox.add(
-        conn, "sync", "sync_router", {"router_id": router_id}, job_id=reconcile_job_id(router_id)
+        conn, SYNC_ROUTER, {"router_id": router_id}, job_id=reconcile_job_id(router_id)
     )
 
 

@@ -1,8 +1,10 @@
-"""Sync's public queueing functions: how anything outside sync asks for a subscriber's sync.
+"""Sync's public functions: how anything outside sync asks sync for something.
 
-Each writes an outbox row on the caller's connection, inside the caller's transaction, so
-the change and its sync commit together (DESIGN principle 4). `subscriber_changed` is the
-``on_change`` hook the network model's subscriber changes take (`imsys.network.service`).
+A subscriber's sync is an outbox row written on the caller's connection, inside the
+caller's transaction, so the change and its sync commit together (DESIGN principle 4).
+`subscriber_changed` is the ``on_change`` hook the network model's subscriber changes
+take (`imsys.network.service`). The router jobs (reconcile, expire, reboot) go straight
+to the stream, once per router or tenant while one waits or runs.
 """
 
 from __future__ import annotations
@@ -13,20 +15,36 @@ import asyncpg
 
 from imsys import outbox
 from imsys.network.errors import NotFound
+from imsys.streams.producer import Enqueued, Producer
+from imsys.sync.jobs import (
+    EXPIRE_TENANT,
+    REBOOT_ROUTER,
+    SYNC_ROUTER,
+    SYNC_SUBSCRIBER,
+    expire_job_id,
+    reboot_job_id,
+    reconcile_job_id,
+    sync_job_id,
+)
 
 if TYPE_CHECKING:
     from imsys.db import Conn
 
-
-def sync_job_id(subscriber_id: int) -> str:
-    return f"sync_subscriber:{subscriber_id}"
+__all__ = [
+    "queue_expiry",
+    "queue_reboot",
+    "queue_reconciliation",
+    "queue_sync",
+    "request_sync",
+    "subscriber_changed",
+    "sync_job_id",
+]
 
 
 async def queue_sync(conn: Conn, subscriber_id: int, correlation_id: str, cause: str) -> None:
     await outbox.add(
         conn,
-        "sync",
-        "sync_subscriber",
+        SYNC_SUBSCRIBER,
         {"subscriber_id": subscriber_id, "correlation_id": correlation_id, "cause": cause},
         job_id=sync_job_id(subscriber_id),
     )
@@ -50,3 +68,26 @@ async def request_sync(db: asyncpg.Pool, subscriber_id: int, correlation_id: str
         if found is None:
             raise NotFound(f"subscriber {subscriber_id}")
         await queue_sync(conn, subscriber_id, correlation_id, "api")
+
+
+async def queue_reconciliation(producer: Producer, router_id: int) -> Enqueued:
+    """Reconcile the router now (one reconciliation per router waits or runs)."""
+    return await producer.send(
+        SYNC_ROUTER, {"router_id": router_id}, job_id=reconcile_job_id(router_id)
+    )
+
+
+async def queue_expiry(producer: Producer, tenant_id: int) -> Enqueued:
+    """Run the tenant's expiry sweep now."""
+    return await producer.send(
+        EXPIRE_TENANT, {"tenant_id": tenant_id}, job_id=expire_job_id(tenant_id)
+    )
+
+
+async def queue_reboot(producer: Producer, router_id: int, correlation_id: str) -> Enqueued:
+    """Reboot the router (an operator's request; one at a time per router)."""
+    return await producer.send(
+        REBOOT_ROUTER,
+        {"router_id": router_id, "correlation_id": correlation_id},
+        job_id=reboot_job_id(router_id),
+    )

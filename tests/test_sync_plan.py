@@ -1,0 +1,87 @@
+"""Plan: one subscriber's differences as a list of per-menu changes (pure, no I/O)."""
+
+from __future__ import annotations
+
+from imsys.routeros.menus import HOTSPOT_USER, PPP_SECRET
+from imsys.sync.desired import Desired, MenuChange, Plan, marker, plan
+
+TAG = "imsys"
+
+
+def desired(**kw: object) -> Desired:
+    base: dict[str, object] = {
+        "subscriber_id": 7,
+        "username": "alice",
+        "password": "pw",
+        "service": "pppoe",
+        "profile": "basic",
+        "disabled": False,
+        "present": True,
+    }
+    return Desired(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_service_move_removes_old_menu_and_adds_new() -> None:
+    """Moving pppoe → hotspot plans a remove in one menu and an add in the other."""
+    old = {".id": "*1", "name": "alice", "comment": marker(TAG, 7)}
+    p = plan(desired(service="hotspot"), {PPP_SECRET: [old], HOTSPOT_USER: []}, TAG)
+    assert [(c.menu, c.add is not None, c.remove) for c in p.changes if not c.empty] == [
+        (PPP_SECRET, False, ["*1"]),
+        (HOTSPOT_USER, True, []),
+    ]
+    assert [(d["action"], d["menu"]) for d in p.describe()] == [
+        ("add", HOTSPOT_USER),
+        ("remove", PPP_SECRET),
+    ]
+    assert p.disables
+    assert not p.empty
+
+
+def test_describe_masks_passwords_and_orders_add_set_remove() -> None:
+    """describe lists adds, then sets, then removes, with every password masked."""
+    p = Plan(
+        1,
+        [
+            MenuChange("/b", remove=["*9"]),
+            MenuChange("/a", set={"password": "x", "profile": "p"}, set_id="*2"),
+            MenuChange("/c", add={"name": "n", "password": "y"}),
+        ],
+    )
+    assert p.describe() == [
+        {"action": "add", "menu": "/c", "fields": {"name": "n", "password": "***"}},
+        {"action": "set", "menu": "/a", "id": "*2", "fields": {"password": "***", "profile": "p"}},
+        {"action": "remove", "menu": "/b", "id": "*9"},
+    ]
+
+
+def test_in_line_entry_gives_an_empty_plan() -> None:
+    """An entry that already matches plans nothing and disables nobody."""
+    entry = {
+        ".id": "*1",
+        "name": "alice",
+        "password": "pw",
+        "profile": "basic",
+        "disabled": "false",
+        "comment": marker(TAG, 7),
+    }
+    p = plan(desired(), {PPP_SECRET: [entry], HOTSPOT_USER: []}, TAG)
+    assert p.empty
+    assert not p.disables
+    assert p.describe() == []
+
+
+def test_suspension_sets_disabled_and_counts_as_disabling() -> None:
+    """A suspended subscriber's entry is set disabled, which the guard counts."""
+    entry = {
+        ".id": "*1",
+        "name": "alice",
+        "password": "pw",
+        "profile": "basic",
+        "disabled": "false",
+        "comment": marker(TAG, 7),
+    }
+    p = plan(desired(disabled=True), {PPP_SECRET: [entry], HOTSPOT_USER: []}, TAG)
+    assert p.describe() == [
+        {"action": "set", "menu": PPP_SECRET, "id": "*1", "fields": {"disabled": "yes"}}
+    ]
+    assert p.disables

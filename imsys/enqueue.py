@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import orjson
+from pydantic import BaseModel
 
+from imsys.streams.job import JobSpec, now_ms
 from imsys.streams.jobids import DEDUPE_STALE_MS
-from imsys.streams.job import now_ms
 from imsys.streams.keys import GROUP
 from imsys.streams.producer import Enqueued, Producer
 
@@ -30,13 +30,23 @@ def _text(value: Any) -> str:
 
 async def enqueue_unique_many(
     producer: Producer,
-    stream: str,
-    type_: str,
-    jobs: Sequence[tuple[Mapping[str, Any] | str, str]],
+    spec: JobSpec[Any],
+    jobs: Sequence[tuple[BaseModel | Mapping[str, Any], str]],
 ) -> list[Enqueued]:
-    """Enqueue ``(payload, job_id)`` pairs; each is dropped while one like it waits or runs.
+    """Enqueue ``(payload, job_id)`` pairs of ``spec``'s job, each payload validated first
+    (InvalidJob); each is dropped while one like it waits or runs.
 
     Returns one ``Enqueued`` per job, in order (``duplicate`` for those dropped).
+    """
+    texts = [(spec.dump(payload), job_id) for payload, job_id in jobs]
+    return await enqueue_entries(producer, spec.stream, spec.name, texts)
+
+
+async def enqueue_entries(
+    producer: Producer, stream: str, type_: str, jobs: Sequence[tuple[str, str]]
+) -> list[Enqueued]:
+    """``enqueue_unique_many`` for payloads already validated and serialised: the outbox
+    relay's rows, written through a spec (``outbox.add``) and carrying its stream and type.
     """
     keys = producer.keys
     script = producer.scripts.enqueue
@@ -46,8 +56,7 @@ async def enqueue_unique_many(
         chunk = jobs[start : start + PIPELINE]
         now = now_ms()
         async with producer.redis.pipeline(transaction=False) as pipe:
-            for payload, job_id in chunk:
-                text = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+            for text, job_id in chunk:
                 await script(
                     keys=script_keys,
                     args=[

@@ -31,13 +31,17 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from imsys.billing import domain as billing_domain
-from imsys.billing.repo import notification_job_id, payment_job_id
+from imsys.billing.domain import due_billing_runs
+from imsys.billing.handlers import GENERATE_BILLS, generate_bills_job_id
+from imsys.billing.notify import SEND_NOTIFICATION, notification_job_id
+from imsys.billing.payments import PAYMENT_RECEIVED, payment_job_id
+from imsys.bouncer.results import DOWNLOAD_RESULTS, download_job_id
 from imsys.deps import Deps
 from imsys.enqueue import enqueue_unique_many
 from imsys.logging import redact_text
 from imsys.streams.backoff import REDIS_DOWN, Backoff
-from imsys.sync.service import sync_job_id
+from imsys.streams.job import JobSpec
+from imsys.sync.jobs import SYNC_SUBSCRIBER, sync_job_id
 
 log = structlog.get_logger("imsys.intents")
 
@@ -108,12 +112,9 @@ async def _notifications(db: asyncpg.Pool, cutoff: datetime) -> AsyncIterator[li
 
 
 async def _billing_runs(db: asyncpg.Pool, cutoff: datetime) -> AsyncIterator[list[Item]]:
-    due = await billing_domain.due_billing_runs(db, opened_before=cutoff)
+    due = await due_billing_runs(db, opened_before=cutoff)
     if due:
-        yield [
-            ({"tenant_id": t, "period": p}, billing_domain.generate_bills_job_id(t, p))
-            for t, p in due
-        ]
+        yield [({"tenant_id": t, "period": p}, generate_bills_job_id(t, p)) for t, p in due]
 
 
 def _downloads(max_attempts: int) -> Source:
@@ -121,9 +122,8 @@ def _downloads(max_attempts: int) -> Source:
         # The status checker re-queues these too, but only while an API key is set and
         # only every status_every_s; its job_id is Bouncer's batch id.
         async for rows in _pages(db, COMPLETED_BOUNCER_BATCHES, cutoff, max_attempts):
-            yield [
-                ({"bouncer_batch_id": r["bouncer_batch_id"]}, r["bouncer_batch_id"]) for r in rows
-            ]
+            ids = [r["bouncer_batch_id"] for r in rows]
+            yield [({"bouncer_batch_id": b}, download_job_id(b)) for b in ids]
 
     return source
 
@@ -151,21 +151,19 @@ class Republisher:
         self.deps = deps
         self.cfg = deps.settings.recovery
         self.producer = deps.engine.producer
-        self.prefix = deps.engine.keys.prefix
+        self.keys = deps.engine.keys
         downloads = _downloads(deps.settings.bouncer_batching.max_download_attempts)
-        self.sources: dict[str, list[tuple[str, Source]]] = {
-            "sync": [("sync_subscriber", _subscribers)],
-            "billing": [
-                ("payment_received", _payments),
-                ("send_notification", _notifications),
-                ("generate_bills", _billing_runs),
-            ],
-            "bouncer": [("download_results", downloads)],
-            "events": [],
-        }
-
-    def _mark(self, stream: str, job_id: str) -> str:
-        return f"{self.prefix}:republished:{stream}:{job_id}"
+        # The events stream holds no intents of PostgreSQL (see above).
+        sources: list[tuple[JobSpec[Any], Source]] = [
+            (SYNC_SUBSCRIBER, _subscribers),
+            (PAYMENT_RECEIVED, _payments),
+            (SEND_NOTIFICATION, _notifications),
+            (GENERATE_BILLS, _billing_runs),
+            (DOWNLOAD_RESULTS, downloads),
+        ]
+        self.sources: dict[str, list[tuple[JobSpec[Any], Source]]] = {}
+        for spec, source in sources:
+            self.sources.setdefault(spec.stream, []).append((spec, source))
 
     async def republish(self, stream: str, *, older_than_s: float | None = None) -> Outcome:
         """Enqueue every intent of ``stream`` whose job may be gone.
@@ -180,13 +178,14 @@ class Republisher:
         )
         outcome = Outcome(stream, Counter(), Counter(), Counter())
         started = time.perf_counter()
-        for type_, source in self.sources.get(stream, []):
+        for spec, source in self.sources.get(stream, []):
+            type_ = spec.name
             async for items in source(self.deps.db, cutoff):
                 if sweep and self.cfg.republish_cooldown_s > 0:
                     items = await self._not_cooling(stream, type_, items, outcome)
                 if not items:
                     continue
-                results = await enqueue_unique_many(self.producer, stream, type_, items)
+                results = await enqueue_unique_many(self.producer, spec, items)
                 fresh = [job_id for (_, job_id), r in zip(items, results, strict=True)
                          if not r.duplicate]
                 if fresh:
@@ -215,7 +214,7 @@ class Republisher:
     ) -> list[Item]:
         async with self.deps.redis.pipeline(transaction=False) as pipe:
             for _, job_id in items:
-                pipe.exists(self._mark(stream, job_id))
+                pipe.exists(self.keys.republished(stream, job_id))
             marked = await pipe.execute()
         keep = [item for item, m in zip(items, marked, strict=True) if not m]
         if len(keep) < len(items):
@@ -226,7 +225,7 @@ class Republisher:
         ttl_ms = max(int(self.cfg.republish_cooldown_s * 1000), 1)
         async with self.deps.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.set(self._mark(stream, job_id), "1", px=ttl_ms)
+                pipe.set(self.keys.republished(stream, job_id), "1", px=ttl_ms)
             await pipe.execute()
 
     async def sweep(self) -> list[Outcome]:

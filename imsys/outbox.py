@@ -17,7 +17,7 @@ import asyncpg
 import structlog
 from pydantic import BaseModel
 
-from imsys.enqueue import enqueue_unique_many
+from imsys.enqueue import enqueue_entries
 from imsys.logging import redact_text
 from imsys.streams.backoff import REDIS_DOWN, Backoff
 from imsys.streams.job import JobSpec
@@ -111,7 +111,7 @@ class OutboxRelay:
                 by_type.setdefault((same[0]["stream"], same[0]["type"]), []).append(same)
             for (stream, type_), groups in by_type.items():
                 jobs = [(g[0]["payload"], g[0]["job_id"]) for g in groups]
-                results = await enqueue_unique_many(self.producer, stream, type_, jobs)
+                results = await enqueue_entries(self.producer, stream, type_, jobs)
                 for same, result in zip(groups, results, strict=True):
                     (later if result.running else done).extend(r["id"] for r in same)
             for (stream, type_), group in bulk.items():

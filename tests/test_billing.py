@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from imsys.billing.context import BillingContext
 from imsys.billing.domain import queue_reminders
 from imsys.billing.handlers import current_period
 from imsys.http import api_billing, api_sync
@@ -258,8 +259,9 @@ async def test_reminders_once_per_lead_time_and_caught_up_after_downtime(
     await s.add_subscriber("gone", phone="+254722000003", expires_at=now - timedelta(hours=1))
     await s.add_subscriber("far", phone="+254722000004", expires_at=now + timedelta(days=10))
     await billing.settle()
-    await queue_reminders(s.deps)
-    await queue_reminders(s.deps)  # the timer again: nothing new
+    ctx = BillingContext.from_deps(s.deps)
+    await queue_reminders(ctx)
+    await queue_reminders(ctx)  # the timer again: nothing new
     await billing.settle()
     rows = await s.db.fetch(
         "SELECT subscriber_id, dedupe_key FROM notifications WHERE template = 'reminder'"

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from imsys import outbox
 from imsys.billing import payments
 from imsys.billing.handlers import current_period
+from imsys.billing.notify import SEND_NOTIFICATION, notification_job_id
 from imsys.intents import Republisher
 from imsys.settings import Settings
 from imsys.sim.gateway import GatewaySimulator
@@ -116,11 +117,7 @@ async def pending_work(s: Stack) -> dict[str, int]:
     )
     async with s.db.acquire() as conn:
         await outbox.add(
-            conn,
-            "billing",
-            "send_notification",
-            {"notification_id": note},
-            job_id=f"send_notification:{note}",
+            conn, SEND_NOTIFICATION, {"notification_id": note}, job_id=notification_job_id(note)
         )
     await s.relay.relay_once()
     return {"subscriber": sid, "payment": payment["id"], "notification": note}

@@ -6,6 +6,7 @@ import asyncio
 
 from imsys import outbox
 from imsys.streams.keys import GROUP
+from imsys.sync.jobs import SYNC_SUBSCRIBER
 from tests.sync_support import Stack
 
 
@@ -39,7 +40,7 @@ async def test_rolled_back_change_publishes_nothing(stack: Stack) -> None:
     async with stack.db.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
-        await outbox.add(conn, "sync", "sync_subscriber", {"subscriber_id": 1})
+        await outbox.add(conn, SYNC_SUBSCRIBER, {"subscriber_id": 1})
         await tx.rollback()
     assert await stack.relay.relay_once() == 0
     assert await stack.deps.redis.xlen(stack.engine.keys.stream("sync")) == 0

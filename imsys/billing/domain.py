@@ -9,26 +9,22 @@ from typing import TYPE_CHECKING
 import structlog
 
 from imsys.billing import repo
+from imsys.billing.context import BillingContext
 from imsys.billing.handlers import (
-    GenerateBills,
-    Notifier,
-    PaymentReceived,
-    SendNotification,
+    GENERATE_BILLS,
     current_period,
     generate_bills,
-    payment_received,
+    generate_bills_job_id,
     period_bounds,
 )
+from imsys.billing.notify import SEND_NOTIFICATION, send_notification
+from imsys.billing.payments import PAYMENT_RECEIVED, payment_received
 from imsys.deps import Deps
 
 if TYPE_CHECKING:
     from imsys.db import Executor
 
 log = structlog.get_logger("imsys.billing")
-
-
-def generate_bills_job_id(tenant_id: int, period: str) -> str:
-    return f"generate_bills:{tenant_id}:{period}"
 
 
 async def due_billing_runs(
@@ -51,26 +47,26 @@ async def due_billing_runs(
     return [(tenant_id, periods[tenant_id]) for tenant_id in due]
 
 
-async def start_due_billing_runs(deps: Deps) -> int:
+async def start_due_billing_runs(ctx: BillingContext) -> int:
     """One generate_bills job per tenant whose current period has no bills yet."""
-    due = await due_billing_runs(deps.db)
+    due = await due_billing_runs(ctx.db)
     for tenant_id, period in due:
-        await deps.engine.producer.enqueue(
-            "billing",
-            "generate_bills",
+        await ctx.producer.send(
+            GENERATE_BILLS,
             {"tenant_id": tenant_id, "period": period},
             job_id=generate_bills_job_id(tenant_id, period),
         )
     return len(due)
 
 
-async def queue_reminders(deps: Deps) -> int:
-    cfg = deps.settings.billing
+async def queue_reminders(ctx: BillingContext) -> int:
+    cfg = ctx.cfg
     n = await repo.queue_reminders(
-        deps.db,
+        ctx.db,
         lead_times=sorted(set(cfg.lead_times_days)),
         template=cfg.templates["reminder"],
         phone_channel=cfg.phone_channel,
+        notify=SEND_NOTIFICATION,
     )
     if n:
         log.info("reminders_queued", count=n)
@@ -78,18 +74,17 @@ async def queue_reminders(deps: Deps) -> int:
 
 
 def register(deps: Deps) -> None:
+    ctx = BillingContext.from_deps(deps)
     reg = deps.engine.registry
-    notifier = Notifier(deps)
-    reg.register("billing", "generate_bills", GenerateBills, partial(generate_bills, deps))
-    reg.register("billing", "payment_received", PaymentReceived, partial(payment_received, deps))
-    reg.register("billing", "send_notification", SendNotification, notifier.send_notification)
-    cfg = deps.settings.billing
+    reg.add(GENERATE_BILLS, partial(generate_bills, ctx))
+    reg.add(PAYMENT_RECEIVED, partial(payment_received, ctx))
+    reg.add(SEND_NOTIFICATION, partial(send_notification, ctx))
 
     async def bills(_slot: int) -> None:
-        await start_due_billing_runs(deps)
+        await start_due_billing_runs(ctx)
 
     async def reminders(_slot: int) -> None:
-        await queue_reminders(deps)
+        await queue_reminders(ctx)
 
-    deps.engine.add_timer("billing_runs", bills, every=cfg.bills_every_s)
-    deps.engine.add_timer("expiry_reminders", reminders, every=cfg.reminders_every_s)
+    deps.engine.add_timer("billing_runs", bills, every=ctx.cfg.bills_every_s)
+    deps.engine.add_timer("expiry_reminders", reminders, every=ctx.cfg.reminders_every_s)

@@ -14,13 +14,19 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from imsys import outbox
-from imsys.billing.repo import notification_job_id, payment_job_id
+from imsys.billing.context import BillingContext
+from imsys.billing.notify import SEND_NOTIFICATION, notification_job_id
 from imsys.billing.templates import render
+from imsys.errors import PermanentError
 from imsys.network.errors import Conflict, Invalid
+from imsys.streams.job import Job, JobSpec
 from imsys.sync.service import queue_sync
+
+log = structlog.get_logger("imsys.billing")
 
 # A provider's transaction id, e.g. an M-Pesa receipt (QK82H3XY1Z).
 REFERENCE = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{3,63}$"
@@ -32,6 +38,34 @@ class PaymentIn(BaseModel):
     subscriber_id: int
     amount: Decimal = Field(gt=0, max_digits=12, decimal_places=2)
     reference: str = Field(pattern=REFERENCE)
+
+
+class PaymentReceived(BaseModel):
+    payment_id: int
+
+
+PAYMENT_RECEIVED = JobSpec("billing", "payment_received", PaymentReceived)
+
+
+def payment_job_id(payment_id: int) -> str:
+    return f"{PAYMENT_RECEIVED.name}:{payment_id}"
+
+
+async def payment_received(ctx: BillingContext, job: Job[PaymentReceived]) -> None:
+    result = await apply_payment(
+        ctx.db,
+        job.payload.payment_id,
+        template=ctx.cfg.templates["payment_ack"],
+        phone_channel=ctx.cfg.phone_channel,
+        fence=job.ensure_current,
+    )
+    if result is None:
+        payment_id = job.payload.payment_id
+        if not await ctx.db.fetchval("SELECT 1 FROM payments WHERE id = $1", payment_id):
+            raise PermanentError(f"payment {payment_id} does not exist")
+        log.info("payment_already_applied", payment_id=payment_id)
+        return
+    log.info("payment_applied", **result)
 
 
 async def record_payment(db: asyncpg.Pool, data: PaymentIn) -> tuple[dict[str, Any], bool]:
@@ -58,8 +92,7 @@ async def record_payment(db: asyncpg.Pool, data: PaymentIn) -> tuple[dict[str, A
         if row is not None:
             await outbox.add(
                 conn,
-                "billing",
-                "payment_received",
+                PAYMENT_RECEIVED,
                 {"payment_id": row["id"]},
                 job_id=payment_job_id(row["id"]),
             )
@@ -161,8 +194,7 @@ async def apply_payment(
             if note_id is not None:
                 await outbox.add(
                     conn,
-                    "billing",
-                    "send_notification",
+                    SEND_NOTIFICATION,
                     {"notification_id": note_id},
                     job_id=notification_job_id(note_id),
                 )

@@ -14,16 +14,7 @@ import asyncpg
 
 if TYPE_CHECKING:
     from imsys.db import Conn, Executor
-
-
-def payment_job_id(payment_id: int) -> str:
-    return f"payment_received:{payment_id}"
-
-
-# The SQL below spells it too ('send_notification:' || id): a job per message, so one
-# still waiting is never doubled by a re-publication (imsys/intents.py).
-def notification_job_id(notification_id: int) -> str:
-    return f"send_notification:{notification_id}"
+    from imsys.streams.job import JobSpec
 
 
 # A template rendered in SQL: the same variables as the Python renderer.
@@ -84,9 +75,9 @@ WITH billable AS (
     ON CONFLICT (dedupe_key) DO NOTHING
     RETURNING id
 ), queued AS (
+    -- $8, $9: the notification job's stream and type; its job id as notification_job_id.
     INSERT INTO outbox (stream, type, payload, job_id)
-    SELECT 'billing', 'send_notification', jsonb_build_object('notification_id', id),
-           'send_notification:' || id FROM note
+    SELECT $8, $9, jsonb_build_object('notification_id', id), $9 || ':' || id FROM note
     RETURNING 1
 ), run AS (
     INSERT INTO billing_runs (tenant_id, period, invoices)
@@ -133,9 +124,9 @@ WITH due AS (
     ON CONFLICT (dedupe_key) DO NOTHING
     RETURNING id
 ), queued AS (
+    -- $4, $5: the notification job's stream and type; its job id as notification_job_id.
     INSERT INTO outbox (stream, type, payload, job_id)
-    SELECT 'billing', 'send_notification', jsonb_build_object('notification_id', id),
-           'send_notification:' || id FROM note
+    SELECT $4, $5, jsonb_build_object('notification_id', id), $5 || ':' || id FROM note
     RETURNING 1
 )
 SELECT count(*) FROM queued
@@ -152,7 +143,9 @@ async def generate_bills(
     template: str,
     phone_channel: str,
     time_zone: str,
+    notify: JobSpec[Any],
 ) -> asyncpg.Record:
+    """Invoices, their messages, and a ``notify`` job per message, in one statement."""
     row = await conn.fetchrow(
         GENERATE_BILLS,
         tenant_id,
@@ -162,15 +155,22 @@ async def generate_bills(
         template,
         phone_channel,
         time_zone,
+        notify.stream,
+        notify.name,
     )
     assert row is not None
     return row
 
 
 async def queue_reminders(
-    db: Executor, *, lead_times: list[int], template: str, phone_channel: str
+    db: Executor, *, lead_times: list[int], template: str, phone_channel: str, notify: JobSpec[Any]
 ) -> int:
-    return int(await db.fetchval(REMINDERS, lead_times, template, phone_channel))
+    """Reminders now due, each with its ``notify`` job; returns how many were queued."""
+    return int(
+        await db.fetchval(
+            REMINDERS, lead_times, template, phone_channel, notify.stream, notify.name
+        )
+    )
 
 
 async def tenants_due_for_bills(db: Executor, periods: dict[int, str]) -> list[int]:
@@ -199,12 +199,9 @@ async def notification(db: Executor, notification_id: int) -> asyncpg.Record | N
     )
 
 
-async def lock_billing_run(conn: Conn, tenant_id: int, period: str) -> None:
-    """Hold, until the transaction ends, the one lock of this tenant's period's run."""
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        f"generate_bills:{tenant_id}:{period}",
-    )
+async def lock_billing_run(conn: Conn, run: str) -> None:
+    """Hold, until the transaction ends, the one lock of a tenant's period's ``run``."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", run)
 
 
 Claim = Literal["claimed", "done", "busy"]

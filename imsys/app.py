@@ -22,7 +22,7 @@ from imsys.db import translate_error as translate_db_error
 from imsys.demo import Demo
 from imsys.deps import Deps
 from imsys.events import domain as events_domain
-from imsys.http import api_billing, api_bouncer, api_sync, dashboard
+from imsys.http import api_billing, api_bouncer, api_network, api_sync, dashboard
 from imsys.http.server import build_app, check_listen_safety
 from imsys.outbox import OutboxRelay
 from imsys.publisher import EventPublisher
@@ -102,10 +102,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
                 settings.http.token.get_secret_value(),
                 max_body_bytes=settings.http.max_body_bytes,
             )
+            api_network.add_routes(app, deps)
             api_sync.add_routes(app, deps)
             api_bouncer.add_routes(app, deps)
+            api_billing.add_routes(app, deps)
             dashboard.add_routes(app, demo)
-            api_billing.add_routes(app)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)

@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from imsys.errors import ConfigError
 from imsys.providers.config import BouncerConfig, SmsConfig, SmtpConfig, WhatsAppConfig
+from imsys.validation import describe
 
 STREAMS = ("sync", "billing", "events", "bouncer")
 # What the OTP texts may use (see EventsSettings).
@@ -430,15 +431,6 @@ def load_settings(path: str | Path | None = None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {_describe(exc)}") from None
+        raise ConfigError(f"invalid configuration: {describe(exc, whole='settings')}") from None
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
-
-
-def _describe(exc: ValidationError) -> str:
-    """``section.key: problem`` per error, without echoing the value (it may be a secret)."""
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False):
-        loc = ".".join(str(p) for p in err["loc"]) or "settings"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)

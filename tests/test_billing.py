@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from imsys.billing.context import BillingContext
 from imsys.billing.domain import queue_reminders
 from imsys.billing.handlers import current_period
-from imsys.http import api_billing, api_sync
+from imsys.http import api_billing
 from imsys.http.server import build_app
 from imsys.settings import Settings
 from imsys.sim.gateway import GatewaySimulator
@@ -132,8 +132,7 @@ async def test_payment_posted_five_times_concurrently_counts_once(billing: Billi
     s = billing.stack
     assert s.secrets()["c000"]["disabled"] == "true"
     app = build_app(s.engine, s.deps.redis, s.db, "test-token")
-    api_sync.add_routes(app, s.deps)
-    api_billing.add_routes(app)
+    api_billing.add_routes(app, s.deps)
     body = {"subscriber_id": sid, "amount": "10.00", "reference": "QK82H3XY1Z"}
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         responses = await asyncio.gather(
@@ -184,8 +183,7 @@ async def test_bad_payments_are_refused_without_writes(
         body = {**body, "subscriber_id": (await customers(billing, 1))[0]}
     before = await s.db.fetchval("SELECT count(*) FROM payments")
     app = build_app(s.engine, s.deps.redis, s.db, "test-token")
-    api_sync.add_routes(app, s.deps)
-    api_billing.add_routes(app)
+    api_billing.add_routes(app, s.deps)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         resp = await client.post("/api/payments", json=body, headers=TOKEN)
         data = await resp.json()
@@ -302,3 +300,35 @@ async def test_stopped_channel_holds_notifications_until_started(billing: Billin
     await channels.start("sms", "test")
     await billing.settle()
     assert len(billing.gateway.messages("sms")) == 2
+
+
+async def test_template_and_notification_routes_work_with_billing_routes_alone(
+    billing: BillingStack,
+) -> None:
+    """With only billing's routes: a tenant's template is saved and the next bill uses it;
+    an unknown tenant, name or variable is refused; notifications read back per subscriber."""
+    s = billing.stack
+    sid, _other = await customers(billing, 2)
+    app = build_app(s.engine, s.deps.redis, s.db, "test-token")
+    api_billing.add_routes(app, s.deps)
+    path = f"/api/tenants/{s.tenant_id}/templates"
+    async with TestClient(TestServer(app, host="127.0.0.1"), headers=TOKEN) as client:
+        saved = await client.put(f"{path}/invoice", json={"body": "Pay {amount} for {period}"})
+        assert saved.status == 200
+        assert (await saved.json())["body"] == "Pay {amount} for {period}"
+        no_tenant = await client.put("/api/tenants/999999999/templates/invoice", json={"body": "x"})
+        assert no_tenant.status == 404
+        assert (await no_tenant.json())["error"] == "tenant 999999999 not found"
+        no_name = await client.put(f"{path}/nope", json={"body": "x"})
+        assert no_name.status == 404
+        assert (await no_name.json())["error"] == (
+            "no template named 'nope'; templates: invoice, reminder, payment_ack"
+        )
+        typo = await client.put(f"{path}/invoice", json={"body": "Hi {nmae}"})
+        assert typo.status == 400
+        period = await run_bills(billing)
+        notes = await client.get("/api/notifications", params={"subscriber_id": str(sid)})
+        assert notes.status == 200
+        listed = (await notes.json())["notifications"]
+    assert [(n["subscriber_id"], n["template"]) for n in listed] == [(sid, "invoice")]
+    assert {m.body for m in billing.gateway.messages("sms")} == {f"Pay 10.00 for {period}"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,9 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from imsys.errors import ConfigError
+from imsys.http.idempotency import creating
 from imsys.http.server import build_app, check_listen_safety
+from imsys.network.errors import Conflict, Invalid, NotFound
 from imsys.settings import STREAMS, HttpSettings, Settings
 from imsys.streams.engine import Engine
 from imsys.streams.job import Registry
@@ -360,3 +363,38 @@ def test_loopback_is_allowed_with_any_token(host: str, token: str) -> None:
 def test_beyond_loopback_is_allowed_with_a_real_token() -> None:
     """0.0.0.0 with a real token is allowed."""
     check_listen_safety(HttpSettings(host="0.0.0.0", token=SecretStr("s3cure-and-long-token-" * 2)))
+
+
+async def test_domain_errors_become_their_status_in_one_middleware(
+    engine: Engine, redis: Redis, db: asyncpg.Pool
+) -> None:
+    """NotFound → 404 "… not found", Conflict → 409, Invalid → 400, a value PostgreSQL cannot
+    hold → 400, from any handler; a creating POST's 409 is kept for its Idempotency-Key."""
+    runs: list[str] = []
+
+    def raising(exc: Exception) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            runs.append(request.path)
+            raise exc
+
+        return handler
+
+    app = build_app(engine, redis, db, TOKEN)
+    app.router.add_get("/api/t/missing", raising(NotFound("thing 7")))
+    app.router.add_post("/api/t/taken", creating(raising(Conflict("a thing named 'x' exists"))))
+    app.router.add_get("/api/t/invalid", raising(Invalid("nothing to change")))
+    app.router.add_get(
+        "/api/t/data", raising(asyncpg.exceptions.NumericValueOutOfRangeError("out of range"))
+    )
+    async with TestClient(TestServer(app, host="127.0.0.1"), headers=AUTH) as c:
+        assert await expect_error(await c.get("/api/t/missing"), 404) == "thing 7 not found"
+        assert await expect_error(await c.get("/api/t/invalid"), 400) == "nothing to change"
+        stored = await expect_error(await c.get("/api/t/data"), 400)
+        assert stored == "a value cannot be stored: out of range"
+        key = {"Idempotency-Key": f"conflict-{uuid.uuid4()}"}
+        first = await c.post("/api/t/taken", json={}, headers=key)
+        assert await expect_error(first, 409) == "a thing named 'x' exists"
+        again = await c.post("/api/t/taken", json={}, headers=key)
+        assert await expect_error(again, 409) == "a thing named 'x' exists"
+        assert again.headers.get("Idempotent-Replayed") == "true"
+    assert runs.count("/api/t/taken") == 1

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from imsys.errors import ConfigError
-from imsys.http import api_billing, api_bouncer, api_sync, dashboard
+from imsys.http import api_billing, api_bouncer, api_network, api_sync, dashboard
 from imsys.http.idempotency import IDEMPOTENCY, creating
 from imsys.http.json import json_response
 from imsys.http.server import build_app, check_listen_safety
@@ -42,10 +42,11 @@ Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def full_app(stack: Stack, **kw: Any) -> web.Application:
     """The admin app with every route, as `imsys.app.serve` builds it."""
     app = build_app(stack.engine, stack.deps.redis, stack.db, TOKEN, **kw)
+    api_network.add_routes(app, stack.deps)
     api_sync.add_routes(app, stack.deps)
     api_bouncer.add_routes(app, stack.deps)
+    api_billing.add_routes(app, stack.deps)
     dashboard.add_routes(app, None)
-    api_billing.add_routes(app)
     return app
 
 
@@ -533,6 +534,7 @@ async def test_api_is_503_while_postgresql_is_down(stack: Stack) -> None:
     )
     deps = dataclasses.replace(stack.deps, db=dead)
     app = build_app(stack.engine, stack.deps.redis, dead, TOKEN)
+    api_network.add_routes(app, deps)
     api_sync.add_routes(app, deps)
     try:
         async with TestClient(TestServer(app, host="127.0.0.1"), headers=AUTH) as c:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from imsys.http import api_sync
+from imsys.http import api_network, api_sync
 from imsys.http.server import build_app
 from imsys.sync.reconcile import router_facts
 from imsys.sync.repo import load_router
@@ -29,6 +29,7 @@ Client = TestClient[web.Request, web.Application]
 async def api(stack: Stack) -> AsyncIterator[Client]:
     """The admin app with the network routes, served for real; every call carries the token."""
     app = build_app(stack.engine, stack.deps.redis, stack.db, TOKEN)
+    api_network.add_routes(app, stack.deps)
     api_sync.add_routes(app, stack.deps)
     async with TestClient(TestServer(app, host="127.0.0.1"), headers=AUTH) as client:
         yield client

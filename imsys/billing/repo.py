@@ -290,3 +290,42 @@ async def mark_attempt_failed(
 
 def as_dict(row: asyncpg.Record | None) -> dict[str, Any] | None:
     return None if row is None else dict(row)
+
+
+# --- what the admin API reads and writes -------------------------------------------------
+
+
+async def save_template(
+    db: Executor, tenant_id: int, template: str, body: str
+) -> dict[str, Any] | None:
+    """Set a tenant's message template; None when the tenant does not exist."""
+    if not await db.fetchval("SELECT 1 FROM tenants WHERE id = $1", tenant_id):
+        return None
+    row = await db.fetchrow(
+        """
+        INSERT INTO message_templates (tenant_id, template, body) VALUES ($1, $2, $3)
+        ON CONFLICT (tenant_id, template) DO UPDATE SET body = EXCLUDED.body, updated_at = now()
+        RETURNING tenant_id, template, body, updated_at
+        """,
+        tenant_id,
+        template,
+        body,
+    )
+    return as_dict(row)
+
+
+async def recent_notifications(
+    db: Executor, subscriber_id: int | None, limit: int = 200
+) -> list[dict[str, Any]]:
+    """The latest notifications, newest first; of one subscriber when given."""
+    rows = await db.fetch(
+        """
+        SELECT id, subscriber_id, channel, recipient, template, status, attempts,
+               provider_message_id, error, created_at, sent_at
+        FROM notifications WHERE $1::bigint IS NULL OR subscriber_id = $1
+        ORDER BY id DESC LIMIT $2
+        """,
+        subscriber_id,
+        limit,
+    )
+    return [dict(r) for r in rows]

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import string
 
+import pydantic
+
 VARIABLES = ("name", "package", "period", "amount", "due_date", "expires_at", "days", "reference")
+
+
+# The templates a tenant may set (each has a configured default).
+NAMES = ("invoice", "reminder", "payment_ack")
 
 
 class _Keep(dict[str, str]):
@@ -23,3 +29,16 @@ def check(template: str) -> str:
     if unknown:
         raise ValueError(f"unknown variable(s) {unknown}; known: {list(VARIABLES)}")
     return template
+
+
+class TemplateIn(pydantic.BaseModel):
+    """A tenant's template as the admin API takes it."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    body: str = pydantic.Field(min_length=1, max_length=1000)
+
+    @pydantic.field_validator("body")
+    @classmethod
+    def _known_variables(cls, v: str) -> str:
+        return check(v)

@@ -10,19 +10,12 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 
 from imsys.bouncer import repo
 from imsys.bouncer.emails import InvalidEmails, Prepared, prepare
+from imsys.network.errors import Invalid, NotFound  # shared request errors: 400 and 404
 from imsys.settings import BouncerBatchingSettings
 
 # Above this many addresses, checking them runs in a thread so the event loop (consumers,
 # timers, other requests) keeps turning meanwhile.
 THREAD_ABOVE: Final = 20_000
-
-
-class Invalid(Exception):
-    pass
-
-
-class NotFound(Exception):
-    pass
 
 
 class UserBatchIn(BaseModel):

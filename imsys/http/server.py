@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imsys.errors import ConfigError, Unavailable
+from imsys.http.common import domain_errors
 from imsys.http.idempotency import IDEMPOTENCY, IdempotencyStore, idempotency
 from imsys.http.json import ApiError, json_response, not_found
 from imsys.settings import HttpSettings
@@ -293,9 +294,10 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> web.Application:
     # Outermost first: errors become JSON, then the body limit and the token are checked
-    # before an Idempotency-Key can replay anything.
+    # before an Idempotency-Key can replay anything; a domain's error becomes its 4xx
+    # inside, so an Idempotency-Key keeps that answer too.
     app = web.Application(
-        middlewares=[errors_as_json, body_limit, bearer_auth, idempotency],
+        middlewares=[errors_as_json, body_limit, bearer_auth, idempotency, domain_errors],
         client_max_size=max_body_bytes,
     )
     app.on_response_prepare.append(security_headers)

@@ -11,6 +11,7 @@ import pydantic
 from pydantic import BaseModel
 
 from imsys.errors import InvalidJob, UnknownJobType
+from imsys.validation import describe
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -233,11 +234,7 @@ def _int_field(fields: dict[str, str], name: str, default: int | None) -> Any:
 
 
 def _describe(exc: pydantic.ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False)[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "payload"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+    return describe(exc, whole="payload", limit=5)
 
 
 def now_ms() -> int:

@@ -19,6 +19,7 @@ from imsys.billing.handlers import (
 )
 from imsys.billing.notify import SEND_NOTIFICATION, send_notification
 from imsys.billing.payments import PAYMENT_RECEIVED, payment_received
+from imsys.billing.resend import RESEND_NOTIFICATION, resend_notification
 from imsys.deps import Deps
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def register(deps: Deps) -> None:
     reg.add(GENERATE_BILLS, partial(generate_bills, ctx))
     reg.add(PAYMENT_RECEIVED, partial(payment_received, ctx))
     reg.add(SEND_NOTIFICATION, partial(send_notification, ctx))
+    reg.add(RESEND_NOTIFICATION, partial(resend_notification, ctx))
 
     async def bills(_slot: int) -> None:
         await start_due_billing_runs(ctx)

@@ -198,7 +198,10 @@ async def test_retried_post_gets_the_first_answer(api: Client, stack: Stack) -> 
     assert again.status == 201
     assert again.headers["Idempotent-Replayed"] == "true"
     assert await again.json() == await first.json()
-    count = await stack.db.fetchval("SELECT count(*) FROM subscribers WHERE username = 'alice'")
+    count = await stack.db.fetchval(
+        "SELECT count(*) FROM subscribers WHERE username = 'alice' AND tenant_id = $1",
+        stack.tenant_id,
+    )
     assert count == 1
     # Without the key, the same retry is the conflict the client could not act on.
     await error_of(await api.post("/api/subscribers", json=subscriber_body(stack, "alice")), 409)
@@ -211,7 +214,9 @@ async def test_same_key_with_another_body_is_422(api: Client, stack: Stack) -> N
     assert resp.status == 201
     resp = await api.post("/api/subscribers", json=subscriber_body(stack, "carol"), headers=key)
     assert "different request body" in await error_of(resp, 422)
-    assert not await stack.db.fetchval("SELECT 1 FROM subscribers WHERE username = 'carol'")
+    assert not await stack.db.fetchval(
+        "SELECT 1 FROM subscribers WHERE username = 'carol' AND tenant_id = $1", stack.tenant_id
+    )
 
 
 async def test_key_still_in_progress_is_409(engine: Engine, redis: Redis, db: asyncpg.Pool) -> None:
@@ -355,7 +360,9 @@ async def test_malformed_key_is_400(api: Client, stack: Stack) -> None:
         headers={"Idempotency-Key": "k" * 256},
     )
     assert "Idempotency-Key" in await error_of(resp, 400)
-    assert not await stack.db.fetchval("SELECT 1 FROM subscribers WHERE username = 'erin'")
+    assert not await stack.db.fetchval(
+        "SELECT 1 FROM subscribers WHERE username = 'erin' AND tenant_id = $1", stack.tenant_id
+    )
 
 
 # --- token policy ----------------------------------------------------------------------------
@@ -435,7 +442,9 @@ async def test_search_wildcards_match_literally(api: Client, stack: Stack) -> No
         await stack.add_subscriber(name)
 
     async def found(term: str) -> set[str]:
-        resp = await api.get("/api/subscribers", params={"q": term})
+        # This stack's router only: the run's other tests share the database.
+        params = {"q": term, "router_id": str(stack.router_id)}
+        resp = await api.get("/api/subscribers", params=params)
         assert resp.status == 200
         return {s["username"] for s in (await resp.json())["subscribers"]}
 

@@ -9,9 +9,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import structlog
 
+from imsys.backoff import Backoff
 from imsys.errors import ImsysError, PermanentError, Unavailable
 from imsys.logging import redact_text
-from imsys.streams.backoff import Backoff
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy

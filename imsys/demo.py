@@ -29,7 +29,7 @@ from imsys.bouncer import service as bouncer_service
 from imsys.deps import Deps
 from imsys.network import models, service
 from imsys.network.errors import Conflict
-from imsys.providers.config import SmsConfig, WhatsAppConfig
+from imsys.provider_settings import SmsConfig, WhatsAppConfig
 from imsys.routeros import menus
 from imsys.settings import Settings
 from imsys.sim.bouncer import BouncerSimulator

@@ -31,6 +31,7 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
+from imsys.backoff import REDIS_DOWN, Backoff
 from imsys.billing.domain import due_billing_runs
 from imsys.billing.handlers import GENERATE_BILLS, generate_bills_job_id
 from imsys.billing.notify import SEND_NOTIFICATION, notification_job_id
@@ -39,7 +40,6 @@ from imsys.bouncer.results import DOWNLOAD_RESULTS, download_job_id
 from imsys.deps import Deps
 from imsys.enqueue import enqueue_unique_many
 from imsys.logging import redact_text
-from imsys.streams.backoff import REDIS_DOWN, Backoff
 from imsys.streams.job import JobSpec
 from imsys.sync.jobs import SYNC_SUBSCRIBER, sync_job_id
 

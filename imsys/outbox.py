@@ -17,9 +17,9 @@ import asyncpg
 import structlog
 from pydantic import BaseModel
 
+from imsys.backoff import REDIS_DOWN, Backoff
 from imsys.enqueue import enqueue_entries
 from imsys.logging import redact_text
-from imsys.streams.backoff import REDIS_DOWN, Backoff
 from imsys.streams.job import JobSpec
 from imsys.streams.producer import Producer
 

@@ -15,8 +15,8 @@ import orjson
 import structlog
 from redis.asyncio import Redis
 
+from imsys.backoff import REDIS_DOWN
 from imsys.logging import redact_text
-from imsys.streams.backoff import REDIS_DOWN
 from imsys.streams.keys import Keys
 
 log = structlog.get_logger("imsys.events")

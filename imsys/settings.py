@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from imsys.errors import ConfigError
-from imsys.providers.config import BouncerConfig, SmsConfig, SmtpConfig, WhatsAppConfig
+from imsys.provider_settings import BouncerConfig, SmsConfig, SmtpConfig, WhatsAppConfig
 from imsys.validation import describe
 
 STREAMS = ("sync", "billing", "events", "bouncer")

@@ -39,8 +39,8 @@ from imsys.bouncer.context import BouncerContext, batch_name
 from imsys.bouncer.ratelimit import RateLimiter
 from imsys.bouncer.results import DownloadResults, download_results
 from imsys.db import migrate
+from imsys.provider_settings import BouncerConfig
 from imsys.providers.bouncer import BouncerClient
-from imsys.providers.config import BouncerConfig
 from imsys.settings import BouncerBatchingSettings, Settings
 from imsys.sim.bouncer import BouncerSimulator
 from imsys.streams.engine import Engine

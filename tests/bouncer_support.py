@@ -24,7 +24,7 @@ from imsys.bouncer.status import StatusResult, check_batches
 from imsys.deps import Deps
 from imsys.http import api_bouncer
 from imsys.http.server import build_app
-from imsys.providers.config import BouncerConfig
+from imsys.provider_settings import BouncerConfig
 from imsys.settings import BouncerBatchingSettings, Settings
 from imsys.sim.bouncer import BouncerSimulator
 from imsys.streams.engine import Engine

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from imsys.deps import Deps
 from imsys.events import domain as events_domain
 from imsys.events.channels import ChannelControl
-from imsys.providers.config import SmtpConfig, WhatsAppConfig
+from imsys.provider_settings import SmtpConfig, WhatsAppConfig
 from imsys.publisher import EventPublisher
 from imsys.settings import EventsSettings, Settings
 from imsys.sim.gateway import GatewaySimulator

@@ -20,7 +20,7 @@ from imsys.bouncer.emails import canonical, is_valid, normalise, prepare
 from imsys.errors import ConfigError
 from imsys.http import api_bouncer
 from imsys.http.server import build_app
-from imsys.providers.config import BouncerConfig
+from imsys.provider_settings import BouncerConfig
 from imsys.settings import BouncerBatchingSettings, Settings
 from imsys.streams.engine import Engine
 from imsys.streams.job import Registry

@@ -14,9 +14,9 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from imsys.errors import PermanentError, RetryableError
+from imsys.provider_settings import BouncerConfig
 from imsys.providers._jsonstream import JsonStreamError, _ObjectsParser, iter_json_array
 from imsys.providers.bouncer import BatchStatus, BouncerClient, CreatedBatch
-from imsys.providers.config import BouncerConfig
 from imsys.providers.errors import (
     OutOfCredits,
     ProviderAuthError,

@@ -16,7 +16,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from pydantic import SecretStr
 
 from imsys.errors import PermanentError, RetryableError
-from imsys.providers.config import SmtpConfig
+from imsys.provider_settings import SmtpConfig
 from imsys.providers.email import SmtpClient
 from imsys.providers.errors import (
     ProviderAuthError,

@@ -14,7 +14,7 @@ from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imsys.errors import PermanentError, RetryableError
-from imsys.providers.config import SmsConfig, WhatsAppConfig
+from imsys.provider_settings import SmsConfig, WhatsAppConfig
 from imsys.providers.errors import (
     OutOfCredits,
     ProviderAuthError,

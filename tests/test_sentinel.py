@@ -24,9 +24,9 @@ from redis.asyncio.sentinel import SentinelManagedSSLConnection
 from redis.exceptions import ReadOnlyError
 from structlog.testing import capture_logs
 
+from imsys.backoff import REDIS_DOWN
 from imsys.redisconn import SentinelRedis, make_redis
 from imsys.settings import RedisSettings, Settings
-from imsys.streams.backoff import REDIS_DOWN
 from imsys.streams.engine import Engine
 from imsys.streams.job import Job, Registry
 from imsys.streams.keys import GROUP

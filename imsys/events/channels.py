@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from redis.asyncio import Redis
 
+from imsys.backoff import REDIS_DOWN
 from imsys.errors import Deferred
-from imsys.streams.backoff import REDIS_DOWN
 from imsys.streams.keys import Keys
 
 if TYPE_CHECKING:

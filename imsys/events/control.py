@@ -11,10 +11,10 @@ from typing import Literal
 import structlog
 from pydantic import BaseModel, Field
 
+from imsys.backoff import REDIS_DOWN
 from imsys.errors import RetryableError
 from imsys.events.channels import Channel, ChannelControl, ServiceState
 from imsys.events.context import EventsContext
-from imsys.streams.backoff import REDIS_DOWN
 from imsys.streams.job import Job, JobSpec
 
 log = structlog.get_logger("imsys.events")

@@ -19,9 +19,9 @@ from typing import Any, Final, Literal
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from imsys.backoff import REDIS_DOWN
 from imsys.errors import Deferred, Expired, PermanentError, RetryableError
 from imsys.events.context import EventsContext
-from imsys.streams.backoff import REDIS_DOWN
 from imsys.streams.job import MASK, Job, JobSpec, now_ms
 
 log = structlog.get_logger("imsys.events")

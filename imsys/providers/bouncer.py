@@ -15,9 +15,9 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from imsys.provider_settings import BouncerConfig
 from imsys.providers._http import HttpProvider
 from imsys.providers._jsonstream import JsonStreamError, iter_json_array
-from imsys.providers.config import BouncerConfig
 from imsys.providers.errors import ProviderAuthError, ProviderRejected
 
 __all__ = ["MAX_BATCH_SIZE", "BatchStatus", "BouncerClient", "CreatedBatch"]

@@ -12,8 +12,8 @@ from typing import Final
 
 import aiosmtplib
 
+from imsys.provider_settings import SmtpConfig
 from imsys.providers._http import redact, shorten
-from imsys.providers.config import SmtpConfig
 from imsys.providers.errors import (
     ProviderAuthError,
     ProviderError,

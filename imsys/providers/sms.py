@@ -15,8 +15,8 @@ from urllib.parse import quote, quote_plus
 import aiohttp
 import orjson
 
+from imsys.provider_settings import SmsConfig
 from imsys.providers._http import HttpProvider, redact, shorten
-from imsys.providers.config import SmsConfig
 from imsys.providers.errors import ProviderRejected, ProviderUnavailable
 
 __all__ = ["SmsClient"]

@@ -12,8 +12,8 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
+from imsys.provider_settings import WhatsAppConfig
 from imsys.providers._http import ErrorBody, HttpProvider, describe_status
-from imsys.providers.config import WhatsAppConfig
 from imsys.providers.errors import (
     OutOfCredits,
     ProviderAuthError,

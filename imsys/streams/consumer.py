@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from imsys.backoff import REDIS_DOWN, Backoff
 from imsys.errors import (
     Deferred,
     FencedOut,
@@ -32,7 +33,6 @@ from imsys.errors import (
 )
 from imsys.logging import redact_text
 from imsys.settings import EngineSettings, StreamPolicy
-from imsys.streams.backoff import REDIS_DOWN, Backoff
 from imsys.streams.entries import (
     Entry,
     Malformed,

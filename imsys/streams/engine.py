@@ -18,9 +18,9 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from imsys.backoff import REDIS_DOWN, Backoff
 from imsys.logging import redact_text
 from imsys.settings import STREAMS, Settings
-from imsys.streams.backoff import REDIS_DOWN, Backoff
 from imsys.streams.consumer import ErrorTranslator, StreamConsumer
 from imsys.streams.deadletters import DeadLetters
 from imsys.streams.job import Registry

@@ -1,4 +1,4 @@
-"""Configuration models of the provider clients, for `imsys.settings.Settings` to embed.
+"""Provider settings (Bouncer, SMS, WhatsApp, SMTP): part of the settings, read by the adapters.
 
 Credentials are `SecretStr` so they never show in a repr or a log. The SMS and WhatsApp
 defaults point at the gateway simulator with its published demo credentials

@@ -1,4 +1,4 @@
-"""Reconnect backoff for the engine's own loops (not the job retry policy)."""
+"""Reconnect backoff for every loop that rides out an outage (not the job retry policy)."""
 
 from __future__ import annotations
 

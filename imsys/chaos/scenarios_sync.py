@@ -7,7 +7,7 @@ import signal
 import time
 
 from imsys.chaos.bed import Bed
-from imsys.chaos.process import must
+from imsys.chaos.process import must, until
 from imsys.chaos.report import Row
 from imsys.sim.routeros import RouterOSSimulator
 from imsys.sim.routeros_state import Write
@@ -21,19 +21,13 @@ async def _all_healed(
     bed: Bed, ids: list[int], sim: RouterOSSimulator, limit: float
 ) -> float | None:
     async def check() -> bool:
-        healed, _, _ = await bed.truth(ids, sim)
-        return healed == len(ids)
-
-    start = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - start
-        if time.monotonic() - start > limit:
-            return None
         for svc in bed.services:
             if svc.proc is not None and svc.proc.returncode not in (None, -9):
                 raise RuntimeError(f"service {svc.name} exited: {svc.tail(600)}")
-        await asyncio.sleep(0.25)
+        healed, _, _ = await bed.truth(ids, sim)
+        return healed == len(ids)
+
+    return await until(check, limit, 0.25)
 
 
 def _adds_per_name(sim: RouterOSSimulator, since: int = 0) -> dict[str, int]:

@@ -5,7 +5,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from imsys.deps import Deps
-from imsys.http.common import DEPS, correlation_id, install, int_param, optional_int, parse
+from imsys.http.common import (
+    DEPS,
+    correlation_id,
+    install,
+    int_param,
+    optional_int,
+    page_limit,
+    parse,
+)
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
 from imsys.network import models, service
@@ -54,13 +62,11 @@ async def get_subscriber(request: web.Request) -> web.Response:
 
 async def get_subscribers(request: web.Request) -> web.Response:
     q = request.query
+    limit = page_limit(request)
     try:
-        limit = min(int(q.get("limit", "100")), 1000)
         offset = max(int(q.get("offset", "0")), 0)
     except ValueError:
-        raise ApiError(400, "limit and offset must be integers") from None
-    if limit < 1:
-        raise ApiError(400, "limit must be at least 1")
+        raise ApiError(400, "offset must be an integer") from None
     status = q.get("sync_status")
     if status is not None and status not in ("pending", "synced", "error"):
         raise ApiError(400, "sync_status must be pending, synced or error")

@@ -67,6 +67,17 @@ def optional_int(request: web.Request, name: str) -> int | None:
     return int_param(request, name) if name in request.query else None
 
 
+def page_limit(request: web.Request, default: int = 100, most: int = 1000) -> int:
+    """The ``limit`` query parameter: an integer from 1, capped at ``most``."""
+    try:
+        limit = min(int(request.query.get("limit", str(default))), most)
+    except ValueError:
+        raise ApiError(400, "limit must be an integer") from None
+    if limit < 1:
+        raise ApiError(400, "limit must be at least 1")
+    return limit
+
+
 @web.middleware
 async def domain_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A domain's refusal as the client's error: 404, 409 or 400 with its message."""

@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imsys.errors import ConfigError, Unavailable
-from imsys.http.common import domain_errors
+from imsys.http.common import domain_errors, page_limit
 from imsys.http.idempotency import IDEMPOTENCY, IdempotencyStore, idempotency
 from imsys.http.json import ApiError, json_response, not_found
 from imsys.settings import HttpSettings
@@ -256,12 +256,7 @@ def _dead_id(request: web.Request) -> str:
 
 async def list_dead_letters(request: web.Request) -> web.Response:
     q = request.query
-    try:
-        limit = min(int(q.get("limit", "100")), 1000)
-    except ValueError:
-        raise ApiError(400, "limit must be an integer") from None
-    if limit < 1:
-        raise ApiError(400, "limit must be at least 1")
+    limit = page_limit(request)
     before = q.get("before")
     # Nothing comes before 0-0, and Redis rejects it as the end of a range.
     if before is not None and (not _valid_entry_id(before) or set(before) <= {"0", "-"}):

@@ -110,8 +110,7 @@ class StreamConsumer:
     _deliveries: dict[str, int] = field(default_factory=dict)
     # Entries whose claim another process took: their handlers are being cancelled.
     _lost: set[str] = field(default_factory=set)
-    # When each running job's timeout expires (monotonic), and those being cancelled.
-    _deadlines: dict[str, float] = field(default_factory=dict)
+    # Running jobs past their deadline (``Job.deadline``) whose handlers are being cancelled.
     _timed_out: set[str] = field(default_factory=set)
     # When the last heartbeat that refreshed every claim of ours was sent.
     _refreshed_at: float = 0.0
@@ -124,6 +123,8 @@ class StreamConsumer:
         self.key = self.keys.stream(self.stream)
         history = History(self.engine.history_max, self.engine.history_hours)
         self.moves = StreamMoves(self.redis, self.scripts, self.keys, self.stream, history)
+        # Bound once: every job gets the same three (a bound method made per job costs).
+        self._hooks = (self._report_progress, self._fence, self._claim_check)
         self.log = log.bind(stream=self.stream)
 
     # --- group -----------------------------------------------------------------------
@@ -283,7 +284,7 @@ class StreamConsumer:
     # --- one job -----------------------------------------------------------------------
 
     async def _run(self, entry_id: str, fields: dict[str, str], task: asyncio.Task[None]) -> None:
-        started = time.perf_counter()
+        started = time.monotonic()
         type_ = fields.get("type", "")
         try:
             try:
@@ -291,14 +292,14 @@ class StreamConsumer:
             except PermanentError as exc:
                 await self._settle(self._dead(entry_id, fields, exc, started))
                 return
-            job.report = self._report_progress
-            job.delivery = self._deliveries.pop(entry_id, 1)
-            job.fence = self._fence
-            job.claim_check = self._claim_check
+            hooks = self._hooks
+            job.report, job.fence, job.claim_check = hooks
+            if self._deliveries:
+                job.delivery = self._deliveries.pop(entry_id, 1)
             spec = reg.spec
             job.max_attempts = spec.max_attempts or self.policy.max_attempts
             timeout = spec.timeout_s or self.policy.job_timeout_s
-            self._deadlines[entry_id] = time.monotonic() + timeout
+            job.deadline = started + timeout
             self._jobs[entry_id] = job
             try:
                 await reg.handler(job)
@@ -318,7 +319,7 @@ class StreamConsumer:
                 await self._failed(job, self._classify(raw), started)
             else:
                 self._infra_failures = 0
-                elapsed = time.perf_counter() - started
+                elapsed = time.monotonic() - started
                 claimed = self._claimed_at.pop(entry_id, 0.0)
                 self._done.append(Finished(entry_id, type_, job.job_id or "", elapsed, claimed))
                 self._unflushed.add(entry_id)
@@ -327,9 +328,10 @@ class StreamConsumer:
             if self.running.get(entry_id) is task:
                 del self.running[entry_id]
             self._jobs.pop(entry_id, None)
-            self._deadlines.pop(entry_id, None)
-            self._lost.discard(entry_id)
-            self._timed_out.discard(entry_id)
+            if self._lost:
+                self._lost.discard(entry_id)
+            if self._timed_out:
+                self._timed_out.discard(entry_id)
             if entry_id not in self._unflushed:
                 self._claimed_at.pop(entry_id, None)
             if entry_id in self._with_progress:
@@ -459,7 +461,7 @@ class StreamConsumer:
         delay: float,
         deferred: bool = False,
     ) -> None:
-        elapsed = time.perf_counter() - started
+        elapsed = time.monotonic() - started
         attempt = job.attempt if deferred else job.attempt + 1
         fields = {**job.fields, "attempt": str(attempt), "last_error": _error_text(exc)}
         counter = "deferred" if deferred else "retried"
@@ -532,7 +534,7 @@ class StreamConsumer:
                 job_type=fields.get("type", ""),
                 job_id=job_id,
                 dead_fields=dead_fields,
-                seconds=None if started is None else time.perf_counter() - started,
+                seconds=None if started is None else time.monotonic() - started,
                 keep_days=self.engine.dead_letter_days,
                 check_owner=check_owner,
             ),
@@ -697,8 +699,8 @@ class StreamConsumer:
         now = time.monotonic()
         overdue = [
             eid
-            for eid, deadline in self._deadlines.items()
-            if deadline <= now and eid not in self._timed_out and eid not in self._lost
+            for eid, job in self._jobs.items()
+            if job.deadline <= now and eid not in self._timed_out and eid not in self._lost
         ]
         for eid in overdue:
             task = self.running.get(eid)

@@ -36,6 +36,8 @@ class Job(Generic[P]):
     )
     # Set by the engine from the job type's policy (or its stream's).
     max_attempts: int = 1
+    # When the handler's time is up (time.monotonic()); the engine cancels it then.
+    deadline: float = float("inf")
     # The claim's delivery count when this process took the entry: the fencing token.
     # XREADGROUP makes it 1; each claim by recovery raises it (heartbeats do not).
     delivery: int = 1
@@ -183,7 +185,7 @@ class Registry:
                 f"payload is {len(raw)} bytes, over the {self.max_payload_bytes} limit"
             )
         try:
-            payload = reg.model.model_validate_json(raw)
+            payload = reg.spec.model.model_validate_json(raw)
         except pydantic.ValidationError as exc:
             raise InvalidJob(f"invalid payload for {type_}: {_describe(exc)}") from None
         attempt = _int_field(fields, "attempt", 1)

@@ -34,7 +34,7 @@ class History:
         return str(_now_ms() - int(self.hours * 3_600_000))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per job, and frozen __init__ costs twice
 class Finished:
     """A job that succeeded, waiting for its acknowledgement."""
 

@@ -74,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--username", default="admin")
     s.add_argument("--password", default="")
+    s.add_argument(
+        "--version",
+        dest="ros_version",
+        metavar="V",
+        help="RouterOS version to model (default 7.19.4; before 7.18 no !empty replies)",
+    )
     s.add_argument("--api-key", default="sim-key")
 
     c = sub.add_parser("chaos", help="adversarial scenarios on private Redis/PostgreSQL servers")
@@ -286,9 +292,16 @@ def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
     started = time.time()
     if args.which == "routeros":
         from imsys.sim import routeros
+        from imsys.sim.routeros_menus import DEFAULT_VERSION, parse_version
 
+        version = args.ros_version or DEFAULT_VERSION
+        try:
+            parse_version(version)
+        except ValueError as exc:
+            print(f"sim routeros: {exc}", file=sys.stderr)
+            return 2
         coro: Coroutine[Any, Any, None] = routeros.serve(
-            args.host, args.port or 8728, args.username, args.password
+            args.host, args.port or 8728, args.username, args.password, version=version
         )
     elif args.which == "bouncer":
         from imsys.sim import bouncer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import re
@@ -132,22 +133,61 @@ async def test_garbage_closes_only_that_connection(sim: RouterOSSimulator, api: 
 
 
 async def test_tag_is_echoed_on_every_reply(api: Any) -> None:
-    """A `.tag` word comes back on each reply sentence of that command."""
+    """A `.tag` comes back on each reply sentence as the bare API word `.tag=N`."""
     await api.protocol.writeSentence("/system/identity/print", ".tag=7")
     assert await read_raw(api) == [
-        ("!re", ("=name=MikroTik", "=.tag=7")),
-        ("!done", ("=.tag=7",)),
+        ("!re", ("=name=MikroTik", ".tag=7")),
+        ("!done", (".tag=7",)),
+    ]
+    await api.protocol.writeSentence("/ppp/secret/remove", "=.id=*FFFF", ".tag=8")
+    assert await read_raw(api) == [
+        ("!trap", ("=message=no such item", ".tag=8")),
+        ("!done", (".tag=8",)),
     ]
 
 
-async def test_empty_print_answers_empty_when_switched_on(sim: RouterOSSimulator, api: Any) -> None:
-    """RouterOS 7.18+ style `!empty` then `!done`; librouteros still yields nothing."""
-    await api.protocol.writeSentence("/ppp/secret/print")
-    assert await read_raw(api) == [("!done", ())]
-    sim.empty_reply = True
-    await api.protocol.writeSentence("/ppp/secret/print")
-    assert await read_raw(api) == [("!empty", ()), ("!done", ())]
-    assert await rows(api.path("ppp", "secret")) == []
+@pytest.mark.parametrize(
+    ("version", "empty_words"),
+    [("6.49.17", []), ("7.17.2", []), ("7.18", [("!empty", ())]), ("7.19.4", [("!empty", ())])],
+)
+async def test_empty_print_answers_empty_from_7_18(version: str, empty_words: list[Any]) -> None:
+    """From RouterOS 7.18 an empty print is `!empty` then `!done`, before it just `!done`."""
+    sim = RouterOSSimulator(username=USER, password=PASSWORD, version=version)
+    await sim.start()
+    try:
+        api = await connect(sim)
+        await api.protocol.writeSentence("/ppp/secret/print")
+        assert await read_raw(api) == [*empty_words, ("!done", ())]
+        # A print that finds something never answers !empty.
+        await api.protocol.writeSentence("/ppp/profile/print", "?name=default")
+        assert [word for word, _ in await read_raw(api)] == ["!re", "!done"]
+        assert await rows(api.path("ppp", "secret")) == []
+        (resource,) = await rows(api.path("system", "resource"))
+        assert resource["version"] == f"{version} (stable)"
+        await api.close()
+    finally:
+        await sim.stop()
+
+
+def test_default_version_is_7_18_or_later() -> None:
+    """Without --version the simulator is a RouterOS 7.18+ router (it answers !empty)."""
+    sim = RouterOSSimulator()
+    assert sim.empty_reply
+    assert tuple(int(n) for n in sim.version.split(".")[:2]) >= (7, 18)
+    with pytest.raises(ValueError, match="not a RouterOS version"):
+        RouterOSSimulator(version="seven")
+
+
+def test_cli_takes_a_routeros_version() -> None:
+    """`sim routeros --version V` reaches the simulator's argument parsers."""
+    from imsys.cli import _parser
+    from imsys.sim.routeros import version_arg
+
+    args = _parser().parse_args(["sim", "routeros", "--version", "6.49.17"])
+    assert args.ros_version == "6.49.17"
+    assert version_arg("7.19.4") == "7.19.4"
+    with pytest.raises(argparse.ArgumentTypeError):
+        version_arg("latest")
 
 
 async def test_long_words_cross_the_wire(sim: RouterOSSimulator, api: Any) -> None:
@@ -652,3 +692,185 @@ async def test_serve_runs_until_cancelled() -> None:
         await task
     with pytest.raises(ConnectionRefusedError):
         await librouteros.async_connect("127.0.0.1", "ops", "pw", port=port)
+
+
+# -- fidelity: field lists, value checks, built-ins, an independent client ----------
+
+
+@pytest.mark.parametrize(
+    ("menu", "fields"),
+    [
+        (("ip", "hotspot", "user"), {"name": "u1", "limit-uptime": "1h"}),
+        (("ppp", "profile"), {"name": "p1", "parent-queue": "none"}),
+        (("ppp", "profile"), {"name": "p2", "change-tcp-mss": "yes"}),
+        (("ppp", "profile"), {"name": "p3", "use-mpls": "no"}),
+        (("ip", "hotspot", "user", "profile"), {"name": "hp1", "parent-queue": "none"}),
+        (("queue", "simple"), {"name": "q1", "target": "10.0.0.9/32", "queue": "default/default"}),
+    ],
+)
+async def test_documented_fields_are_accepted(
+    sim: RouterOSSimulator, api: Any, menu: tuple[str, ...], fields: dict[str, str]
+) -> None:
+    """Hyphenated fields of RouterOS's menus (limit-uptime, parent-queue, ...) are writable."""
+    await api.path(*menu).add(**fields)
+    (row,) = sim.find("/" + "/".join(menu), name=fields["name"])
+    assert all(row[name] == value for name, value in fields.items())
+
+
+@pytest.mark.parametrize(
+    ("menu", "fields"),
+    [
+        (("ip", "hotspot", "user"), {"name": "u1", "uptime": "1h"}),
+        (("ip", "hotspot", "user"), {"name": "u1", "limit-": "1h"}),
+        (("ppp", "profile"), {"name": "p1", "queue": "none"}),
+        (("ppp", "profile"), {"name": "p1", "tcp-mss": "yes"}),
+        (("ppp", "profile"), {"name": "p1", "mpls": "no"}),
+    ],
+)
+async def test_fragments_of_field_names_are_unknown(
+    sim: RouterOSSimulator, api: Any, menu: tuple[str, ...], fields: dict[str, str]
+) -> None:
+    """Pieces of hyphenated names get RouterOS's `unknown parameter` trap and add nothing."""
+    before = len(sim.items("/" + "/".join(menu)))
+    with pytest.raises(TrapError, match=r"^unknown parameter$"):
+        await api.path(*menu).add(**fields)
+    assert len(sim.items("/" + "/".join(menu))) == before
+
+
+def test_no_menu_field_is_cut_at_a_hyphen() -> None:
+    """No field name of any simulated menu starts or ends with `-` (a wrapped line)."""
+    from imsys.sim.routeros_menus import MENUS
+
+    cut = [(path, name) for path, spec in MENUS.items() for name in spec.fields
+           if name.startswith("-") or name.endswith("-")]  # fmt: skip
+    assert cut == []
+
+
+@pytest.mark.parametrize(
+    "rate",
+    [
+        "10M/10M",
+        "512k",
+        "10M/20M 12M/24M 8M/16M 10/10",
+        "1M/2M 2M/4M 1M/2M 8s/8s 5 512k/1M",
+        "64000/64000",
+    ],
+)
+async def test_rate_limit_in_routeros_format_is_accepted(api: Any, rate: str) -> None:
+    """rate-limit takes rx[/tx] with k/M/G and the optional burst, priority and min parts."""
+    await api.path("ppp", "profile").add(name="home", **{"rate-limit": rate})
+    await api.path("ip", "hotspot", "user", "profile").add(name="home", **{"rate-limit": rate})
+
+
+@pytest.mark.parametrize(
+    ("menu", "fields", "field_name"),
+    [
+        (("ppp", "profile"), {"name": "x", "rate-limit": "tenmegabits"}, "rate-limit"),
+        (
+            ("ppp", "profile"),
+            {"name": "x", "rate-limit": "10M/10M 2M/2M 1M/1M 8/8 9"},
+            "rate-limit",
+        ),
+        (("ip", "hotspot", "user", "profile"), {"name": "x", "rate-limit": "10X/1M"}, "rate-limit"),
+        (("ppp", "secret"), {"name": "x", "remote-address": "not-an-ip"}, "remote-address"),
+        (("ppp", "secret"), {"name": "x", "local-address": "10.0.0.256"}, "local-address"),
+        (("ip", "hotspot", "user"), {"name": "x", "address": "10.1"}, "address"),
+        (("ip", "hotspot", "user"), {"name": "x", "mac-address": "00:11:22"}, "mac-address"),
+        (("ppp", "secret"), {"name": "x", "disabled": "maybe"}, "disabled"),
+    ],
+)
+async def test_bad_values_get_routeros_traps(
+    sim: RouterOSSimulator,
+    api: Any,
+    menu: tuple[str, ...],
+    fields: dict[str, str],
+    field_name: str,
+) -> None:
+    """A value RouterOS cannot parse is refused (category 1) on add and set; nothing changes."""
+    path = api.path(*menu)
+    with pytest.raises(TrapError) as caught:
+        await path.add(**fields)
+    assert caught.value.message == f"invalid value for argument {field_name}"
+    assert caught.value.category == 1
+    assert sim.find("/" + "/".join(menu), name="x") == []
+    item_id = await path.add(name="x")
+    with pytest.raises(TrapError, match=f"^invalid value for argument {field_name}$"):
+        await path.update(**{".id": item_id, field_name: fields[field_name]})
+    (row,) = sim.find("/" + "/".join(menu), name="x")
+    assert row.get(field_name) != fields[field_name]
+
+
+async def test_good_addresses_and_booleans_are_accepted(sim: RouterOSSimulator, api: Any) -> None:
+    """IPv4 addresses and yes/no/true/false pass; booleans print as true/false."""
+    secrets = api.path("ppp", "secret")
+    await secrets.add(name="a", **{"remote-address": "10.0.0.2", "local-address": "10.0.0.1"})
+    await secrets.add(name="b", disabled="yes")
+    await secrets.add(name="c", disabled="false")
+    await api.path("ip", "hotspot", "user").add(
+        name="h", address="10.5.50.2", **{"mac-address": "AA:BB:CC:00:11:22"}
+    )
+    assert {row["name"]: row["disabled"] for row in sim.items("/ppp/secret")} == {
+        "a": "false",
+        "b": "true",
+        "c": "false",
+    }
+    assert sim.find("/ppp/secret", name="a")[0]["remote-address"] == "10.0.0.2"
+
+
+@pytest.mark.parametrize(
+    ("menu", "name"),
+    [
+        (("ppp", "profile"), "default"),
+        (("ppp", "profile"), "default-encryption"),
+        (("ip", "hotspot", "user", "profile"), "default"),
+    ],
+)
+async def test_builtin_profiles_cannot_be_removed(
+    sim: RouterOSSimulator, api: Any, menu: tuple[str, ...], name: str
+) -> None:
+    """The built-in profiles trap on remove, even alongside a removable one; all stay."""
+    path = api.path(*menu)
+    extra = await path.add(name="extra")
+    (builtin,) = [row async for row in path if row["name"] == name]
+    with pytest.raises(TrapError, match="cannot remove default profile"):
+        await path.remove(extra, builtin[".id"])
+    names = {row["name"] async for row in path}
+    assert {name, "extra"} <= names
+    await path.remove(extra)
+    assert "extra" not in {row["name"] async for row in path}
+
+
+def _routeros_api_session(port: int) -> dict[str, Any]:
+    """Login, add and print through socialwifi's RouterOS-api (synchronous, tagged)."""
+    import routeros_api  # type: ignore[import-untyped]
+
+    pool = routeros_api.RouterOsApiPool(
+        "127.0.0.1", username=USER, password=PASSWORD, port=port, plaintext_login=True
+    )
+    try:
+        api = pool.get_api()
+        secrets = api.get_resource("/ppp/secret")
+        secrets.add(name="carol", password="pw-1", profile="10M", service="pppoe")
+        printed = secrets.get(name="carol")
+        profiles = api.get_resource("/ppp/profile").get()
+        try:
+            secrets.add(name="carol", password="pw-2")
+            duplicate = ""
+        except routeros_api.exceptions.RouterOsApiCommunicationError as exc:
+            duplicate = exc.original_message.decode()
+        return {"printed": printed, "profiles": profiles, "duplicate": duplicate}
+    finally:
+        pool.disconnect()
+
+
+async def test_independent_client_library_logs_in_prints_and_adds(sim: RouterOSSimulator) -> None:
+    """socialwifi RouterOS-api (tags every command) logs in, adds, prints, gets traps."""
+    result = await asyncio.to_thread(_routeros_api_session, sim.port)
+    (carol,) = result["printed"]
+    assert carol["name"] == "carol"
+    assert carol["profile"] == "10M"
+    assert ID.match(carol["id"])
+    assert {profile["name"] for profile in result["profiles"]} >= {"default", "10M"}
+    assert result["duplicate"] == "failure: secret with the same name already exists"
+    assert sim.find("/ppp/secret", name="carol")[0]["password"] == "pw-1"
+    assert any(".tag=" in " ".join(rec.words) for rec in sim.commands)

@@ -35,7 +35,7 @@ from imsys.sim.routeros_api import (
     close_connection,
     redact,
 )
-from imsys.sim.routeros_menus import Value
+from imsys.sim.routeros_menus import DEFAULT_VERSION, Value, answers_empty, parse_version
 from imsys.sim.routeros_state import RouterState, Write
 from imsys.sim.routeros_wire import WireError, encode_sentence, read_sentence
 
@@ -53,12 +53,17 @@ class RouterOSSimulator(ApiResponder):
         username: str = "admin",
         password: str = "",
         ssl_context: ssl.SSLContext | None = None,
-        empty_reply: bool = False,
+        version: str = DEFAULT_VERSION,
+        empty_reply: bool | None = None,
         reboot_downtime: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(RouterState(clock=clock), username, password)
-        self.empty_reply = empty_reply
+        # The RouterOS version: /system/resource prints it, and from 7.18 on an empty
+        # print answers `!empty` (unless `empty_reply` says otherwise).
+        self.version = version
+        self.empty_reply = answers_empty(version) if empty_reply is None else empty_reply
+        self.state.set_resource({"version": f"{version} (stable)"})
         # How long `/system/reboot` keeps the router away (refusing connections).
         self.reboot_downtime = reboot_downtime
         self.connections = 0
@@ -374,9 +379,12 @@ async def serve(
     *,
     ssl_context: ssl.SSLContext | None = None,
     profiles: Sequence[str] = (),
+    version: str = DEFAULT_VERSION,
 ) -> None:
     """Run a simulator until cancelled (the `sim routeros` command)."""
-    sim = RouterOSSimulator(username=username, password=password, ssl_context=ssl_context)
+    sim = RouterOSSimulator(
+        username=username, password=password, ssl_context=ssl_context, version=version
+    )
     for profile in profiles:
         sim.add_item("/ppp/profile", name=profile)
         sim.add_item("/ip/hotspot/user/profile", name=profile)
@@ -385,6 +393,15 @@ async def serve(
         await asyncio.Event().wait()
     finally:
         await sim.stop()
+
+
+def version_arg(text: str) -> str:
+    """argparse type for `--version`: a RouterOS version such as 6.49.17 or 7.19.4."""
+    try:
+        parse_version(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -403,6 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--tls-cert", help="PEM certificate: serve API-SSL instead of API")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    parser.add_argument(
+        "--version",
+        type=version_arg,
+        default=DEFAULT_VERSION,
+        help="RouterOS version to model (7.18 and later answer an empty print with !empty)",
+    )
     options = parser.parse_args(argv)
     context: ssl.SSLContext | None = None
     if options.tls_cert:
@@ -418,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 options.password,
                 ssl_context=context,
                 profiles=options.profile,
+                version=options.version,
             )
         )
     return 0

@@ -108,7 +108,8 @@ class ApiResponder(abc.ABC):
             replies = [trap.words(), ["!done"]]
         if replies is None or tag is None:
             return replies
-        return [[*sentence, f"=.tag={tag}"] for sentence in replies]
+        # The tag is the bare API word `.tag=N`, not an attribute word.
+        return [[*sentence, f".tag={tag}"] for sentence in replies]
 
     def _dispatch(
         self, conn: Connection, command: str, args: dict[str, str], queries: list[str]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -25,14 +26,16 @@ class Trap(Exception):
 
 
 # Trap texts. Those in NOTES.md ("RouterOS API and librouteros") and the API manual are
-# RouterOS's own; NOT_LOGGED_IN and the texts for a bad boolean or a missing name are
-# stand-ins that no router was asked for.
+# RouterOS's own; NOT_LOGGED_IN and the text for a missing name are stand-ins that no
+# router was asked for. INVALID_VALUE is RouterOS 7's wording for a value its parser
+# rejects (a bad address, boolean or rate-limit), category 1.
 NO_SUCH_ITEM: Final = "no such item"
 NO_SUCH_COMMAND: Final = "no such command"
 NO_SUCH_PREFIX: Final = "no such command prefix"
 BAD_LOGIN: Final = "invalid user name or password (6)"
 NOT_LOGGED_IN: Final = "not logged in"
 UNKNOWN_PARAMETER: Final = "unknown parameter"
+INVALID_VALUE: Final = "invalid value for argument {name}"
 # Category 1 is "argument value failure" in the API manual.
 ARGUMENT_FAILURE: Final = 1
 MISSING_ITEM_OR_COMMAND: Final = 0
@@ -45,7 +48,51 @@ READ_ONLY_COMMANDS: Final = frozenset({"print", "getall"})
 
 
 def _names(text: str) -> frozenset[str]:
-    return frozenset(text.split())
+    names = frozenset(text.split())
+    # A name cut by line wrapping ("limit-" + "uptime") would accept two wrong fields.
+    broken = sorted(name for name in names if name.startswith("-") or name.endswith("-"))
+    if broken:
+        raise ValueError(f"field names broken by wrapping: {broken}")
+    return names
+
+
+# -- value formats, as RouterOS parses them -------------------------------------------
+
+# A rate: bits per second, optional k/M/G suffix (e.g. 512k, 10M, 1G, 64000).
+_RATE = r"\d+(?:\.\d+)?[kKMG]?"
+# A burst time: seconds, optionally with a unit (8, 8s, 1m).
+_TIME = r"\d+(?:ms|[smhdw])?"
+_PAIR = r"{0}(?:/{0})?"
+# rx[/tx] [rx-burst[/tx-burst] [rx-threshold[/tx-threshold] [rx-time[/tx-time]
+# [priority [rx-min[/tx-min]]]]]] (NOTES.md; the tx part defaults to the rx part).
+_RATE_LIMIT = re.compile(
+    rf"{_PAIR.format(_RATE)}"
+    rf"(?: {_PAIR.format(_RATE)}"
+    rf"(?: {_PAIR.format(_RATE)}"
+    rf"(?: {_PAIR.format(_TIME)}"
+    rf"(?: [1-8]"
+    rf"(?: {_PAIR.format(_RATE)})?)?)?)?)?"
+)
+_MAC = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
+
+
+def is_rate_limit(value: str) -> bool:
+    return _RATE_LIMIT.fullmatch(value) is not None
+
+
+def is_ipv4(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def is_mac(value: str) -> bool:
+    return _MAC.fullmatch(value) is not None
+
+
+_YES_NO_DEFAULT = frozenset({"yes", "no", "default"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +105,8 @@ class MenuSpec:
     defaults: Mapping[str, str] = field(default_factory=dict)
     booleans: frozenset[str] = frozenset({"disabled"})
     choices: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # field -> check of a non-empty value's format (an address, a rate-limit)
+    formats: Mapping[str, Callable[[str], bool]] = field(default_factory=dict)
     # field -> menu whose `key` values it must name (a secret's profile must exist)
     references: Mapping[str, str] = field(default_factory=dict)
     # The unique, name-like field; it may stand for `.id` in set/remove.
@@ -65,6 +114,8 @@ class MenuSpec:
     # Uniqueness of `key` is per value of this field (hotspot users are unique per server).
     key_scope: str | None = None
     duplicate: str = ""
+    # Trap for removing a built-in item (the `default` profiles); empty: no built-ins.
+    permanent: str = ""
     # Queues get "queue1", "queue2"... when added without a name.
     auto_name: str | None = None
     # Live entries: uptime runs from when they appeared; a reboot clears them.
@@ -104,6 +155,7 @@ PPP_SECRET = MenuSpec(
     choices={
         "service": frozenset({"any", "async", "l2tp", "ovpn", "pppoe", "pptp", "sstp"}),
     },
+    formats={"remote-address": is_ipv4, "local-address": is_ipv4},
     references={"profile": "/ppp/profile"},
     key="name",
     duplicate="failure: secret with the same name already exists",
@@ -112,11 +164,12 @@ PPP_SECRET = MenuSpec(
 PPP_PROFILE = MenuSpec(
     path="/ppp/profile",
     commands=CONFIG_COMMANDS,
+    # local-address and remote-address may name a pool here: not checked as addresses.
     fields=_names(
-        "name comment local-address remote-address rate-limit only-one dns-server parent- "
-        "queue address-list use-encryption bridge idle-timeout session-timeout change- "
-        "tcp-mss insert-queue-before incoming-filter outgoing-filter use-compression use- "
-        "mpls"
+        "name comment local-address remote-address rate-limit only-one dns-server "
+        "wins-server parent-queue queue-type address-list interface-list use-encryption "
+        "bridge idle-timeout session-timeout change-tcp-mss insert-queue-before "
+        "incoming-filter outgoing-filter use-compression use-mpls use-upnp use-ipv6"
     ),
     defaults={
         "use-mpls": "default",
@@ -126,8 +179,21 @@ PPP_PROFILE = MenuSpec(
         "change-tcp-mss": "default",
     },
     booleans=frozenset(),
+    choices={
+        "only-one": _YES_NO_DEFAULT,
+        "change-tcp-mss": _YES_NO_DEFAULT,
+        "use-compression": _YES_NO_DEFAULT,
+        "use-upnp": _YES_NO_DEFAULT,
+        "use-encryption": _YES_NO_DEFAULT | {"required"},
+        "use-mpls": _YES_NO_DEFAULT | {"required"},
+        "use-ipv6": _YES_NO_DEFAULT | {"required"},
+    },
+    formats={"rate-limit": is_rate_limit},
     key="name",
     duplicate="failure: profile with the same name already exists",
+    # The built-in `default` and `default-encryption` cannot be removed (the text is a
+    # stand-in: the refusal is documented, its wording was not captured here).
+    permanent="failure: cannot remove default profile",
 )
 
 PPP_ACTIVE = MenuSpec(
@@ -143,10 +209,11 @@ HOTSPOT_USER = MenuSpec(
     path="/ip/hotspot/user",
     commands=CONFIG_COMMANDS,
     fields=_names(
-        "name password profile server disabled comment mac-address address email limit- "
-        "uptime limit-bytes-in limit-bytes-out limit-bytes-total routes"
+        "name password profile server disabled comment mac-address address email "
+        "limit-uptime limit-bytes-in limit-bytes-out limit-bytes-total routes"
     ),
     defaults={"server": "all", "profile": "default", "disabled": "false"},
+    formats={"address": is_ipv4, "mac-address": is_mac},
     references={"profile": "/ip/hotspot/user/profile"},
     key="name",
     key_scope="server",
@@ -158,10 +225,14 @@ HOTSPOT_USER_PROFILE = MenuSpec(
     commands=CONFIG_COMMANDS,
     fields=_names(
         "name rate-limit shared-users session-timeout idle-timeout keepalive-timeout "
-        "address-pool address-list comment parent-queue"
+        "address-pool address-list comment parent-queue queue-type incoming-filter "
+        "outgoing-filter on-login on-logout status-autorefresh mac-cookie-timeout "
+        "add-mac-cookie transparent-proxy open-status-page"
     ),
     defaults={"shared-users": "1", "idle-timeout": "none", "keepalive-timeout": "2m"},
-    booleans=frozenset(),
+    booleans=frozenset({"add-mac-cookie", "transparent-proxy"}),
+    formats={"rate-limit": is_rate_limit},
+    permanent="failure: cannot remove default profile",
     key="name",
     duplicate="failure: already have profile with such name",
 )
@@ -274,9 +345,27 @@ Value = str | int | bool
 _UPTIME_PART = re.compile(r"(\d+)([wdhms])")
 _UNIT_SECONDS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
 
+# The RouterOS version a simulator reports unless told otherwise; from 7.18 on an empty
+# print answers `!empty` before `!done`.
+DEFAULT_VERSION: Final = "7.19.4"
+EMPTY_REPLY_SINCE: Final = (7, 18)
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """(7, 19, 4) from "7.19.4"; ValueError for anything that is not a RouterOS version."""
+    if not re.fullmatch(r"\d+\.\d+(?:\.\d+)?", version):
+        raise ValueError(f"not a RouterOS version: {version!r} (like 6.49.17 or 7.19.4)")
+    return tuple(int(part) for part in version.split("."))
+
+
+def answers_empty(version: str) -> bool:
+    """Whether RouterOS `version` answers an empty print with `!empty` (7.18 and later)."""
+    return parse_version(version)[:2] >= EMPTY_REPLY_SINCE
+
+
 DEFAULT_RESOURCE: Mapping[str, str] = {
     "uptime": "",
-    "version": "7.16.2 (stable)",
+    "version": f"{DEFAULT_VERSION} (stable)",
     "build-time": "2024-11-26 12:33:56",
     "factory-software": "7.1",
     "free-memory": "859181056",
@@ -327,7 +416,7 @@ def normalize_bool(field_name: str, value: str) -> str:
         return "true"
     if lowered in ("no", "false"):
         return "false"
-    raise Trap(f"value of {field_name} must be yes or no", ARGUMENT_FAILURE)
+    raise Trap(INVALID_VALUE.format(name=field_name), ARGUMENT_FAILURE)
 
 
 def format_id(number: int) -> str:

@@ -14,6 +14,7 @@ from imsys.sim.routeros_menus import (
     ARGUMENT_FAILURE,
     BUILTIN_ITEMS,
     DEFAULT_RESOURCE,
+    INVALID_VALUE,
     MENUS,
     MISSING_ITEM_OR_COMMAND,
     NO_SUCH_COMMAND,
@@ -199,6 +200,9 @@ class RouterState:
         self, spec: MenuSpec, targets: list[Item], args: Mapping[str, str]
     ) -> list[dict[str, str]]:
         self._check_fields(spec, args)
+        if spec.permanent and any(item.builtin for item in targets):
+            # Checked before removing any, so the other targets stay too.
+            raise Trap(spec.permanent)
         rows = [self._render(spec, item) for item in targets]
         if spec.session and self.sessions_survive_remove:
             return rows
@@ -227,6 +231,8 @@ class RouterState:
                 values[name] = normalize_bool(name, value)
             elif name in spec.choices and value not in spec.choices[name]:
                 raise Trap(f"input does not match any value of {name}", ARGUMENT_FAILURE)
+            elif value and name in spec.formats and not spec.formats[name](value):
+                raise Trap(INVALID_VALUE.format(name=name), ARGUMENT_FAILURE)
             else:
                 values[name] = value if value or name in spec.defaults else None
         return values

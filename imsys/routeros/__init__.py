@@ -19,6 +19,7 @@ from imsys.routeros.errors import (
     RouterAuthError,
     RouterError,
     RouterInputError,
+    RouterTLSError,
     RouterTrap,
     RouterUnavailable,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "RouterInputError",
     "RouterPool",
     "RouterSession",
+    "RouterTLSError",
     "RouterTarget",
     "RouterTrap",
     "RouterUnavailable",

@@ -22,12 +22,14 @@ from librouteros.protocol import encode_sentence
 from imsys.routeros.errors import (
     RouterAuthError,
     RouterInputError,
+    RouterTLSError,
     RouterTrap,
     RouterUnavailable,
     trap_class,
 )
 from imsys.routeros.menus import SYSTEM_REBOOT
 from imsys.routeros.target import RouterTarget
+from imsys.routeros.tls import NO_CERTIFICATE_REMEDY, anonymous_only, peer_fingerprint
 from imsys.routeros.words import check_ascii
 
 log = structlog.get_logger("imsys.routeros")
@@ -56,6 +58,12 @@ class _Refused(Exception):
     def __init__(self, reason: Exception) -> None:
         super().__init__(str(reason))
         self.reason = reason
+
+
+class _CertificateRefused(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class _LoginRefused(Exception):
@@ -136,6 +144,25 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _handshake_failure(exc: BaseException) -> bool:
+    """An error of the TLS handshake itself (not of reaching the port)."""
+    if isinstance(exc, ssl.SSLError):
+        return True
+    return isinstance(exc, (ConnectionResetError, ConnectionAbortedError, ConnectionClosed))
+
+
+def _check_pin(target: RouterTarget, writer: asyncio.StreamWriter) -> None:
+    expected = target.tls_fingerprint
+    if expected is None:
+        return
+    got = peer_fingerprint(writer)
+    if got != expected:
+        raise _CertificateRefused(
+            f"TLS certificate refused: its SHA-256 is {got or 'absent'}, "
+            f"tls_fingerprint expects {expected}"
+        )
+
+
 def _check_sentence(command: str, words: Sequence[str]) -> None:
     # The session builds checked words already; this makes "never half a sentence"
     # hold for every path that reaches the socket.
@@ -157,6 +184,19 @@ class Connection:
         check_ascii(target.username, f"{target.label}: user name")
         check_ascii(target.password, f"{target.label}: password")
         limit = target.login_timeout
+        if ssl_context is not None and target.tls_unverified:
+            log.warning("router_tls_unverified", **_fields(target))
+        handshake_done = False
+
+        async def login(api: Any, username: str, password: str) -> None:
+            # Runs once TCP and TLS are up: the certificate is checked before a password
+            # is sent anywhere.
+            nonlocal handshake_done
+            handshake_done = True
+            if ssl_context is not None:
+                _check_pin(target, api.protocol.transport.writer)
+            await _login(api, username, password)
+
         try:
             async with asyncio.timeout(limit):
                 # async_connect closes the socket itself when the login fails.
@@ -169,8 +209,17 @@ class Connection:
                     subclass=RawApi,
                     encoding=_WIRE_ENCODING,
                     ssl_wrapper=ssl_context,
-                    login_method=_login,
+                    login_method=login,
                 )
+        except _CertificateRefused as exc:
+            log.warning("router_tls_refused", **_fields(target), error=exc.message)
+            raise RouterTLSError(
+                f"{target.label}: {exc.message}", router_id=target.router_id
+            ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            reason = f"TLS certificate not trusted: {exc.verify_message or exc.reason}"
+            log.warning("router_tls_refused", **_fields(target), error=reason)
+            raise RouterTLSError(f"{target.label}: {reason}", router_id=target.router_id) from exc
         except _LoginRefused as exc:
             log.warning("router_login_failed", **_fields(target), message=exc.message)
             raise RouterAuthError(
@@ -180,6 +229,14 @@ class Connection:
             reason = _describe(exc)
             if isinstance(exc, TimeoutError):
                 reason = f"connect timed out after {limit:g}s"
+            elif ssl_context is not None and not handshake_done and _handshake_failure(exc):
+                if await anonymous_only(target.host, target.port, limit):
+                    log.warning("router_tls_no_certificate", **_fields(target))
+                    raise RouterTLSError(
+                        f"{target.label}: TLS handshake failed: {NO_CERTIFICATE_REMEDY}",
+                        router_id=target.router_id,
+                    ) from exc
+                reason = f"TLS handshake failed: {reason}"
             log.warning("router_connect_failed", **_fields(target), error=reason)
             raise RouterUnavailable(
                 f"{target.label}: cannot connect: {reason}", router_id=target.router_id

@@ -42,6 +42,11 @@ class RouterAuthError(RouterError, PermanentError):
         self.router_id = router_id
 
 
+class RouterTLSError(RouterAuthError):
+    """The router's TLS certificate is not the one trusted (pin, CA), or the router
+    offers no certificate at all. Like a wrong password: the settings must change."""
+
+
 class RouterInputError(RouterError, PermanentError):
     """A value we were asked to send cannot be sent (e.g. it is not ASCII); nothing was sent."""
 

@@ -19,6 +19,7 @@ import structlog
 from imsys.routeros.connection import Connection
 from imsys.routeros.session import RouterSession
 from imsys.routeros.target import RouterTarget
+from imsys.routeros.tls import client_context
 
 log = structlog.get_logger("imsys.routeros")
 
@@ -27,6 +28,8 @@ log = structlog.get_logger("imsys.routeros")
 class _Router:
     target: RouterTarget
     slots: asyncio.Semaphore
+    # Built once per target: loading CAs is not free.
+    ssl_context: ssl.SSLContext | None = None
     idle: list[Connection] = field(default_factory=list)
     # Every open connection, idle or in use, so that close() reaches them all.
     open: set[Connection] = field(default_factory=set)
@@ -59,8 +62,9 @@ class _Lease:
 class RouterPool:
     """Connections to many routers, shared by all tasks of the process.
 
-    `ssl_context` is used for targets with `use_tls`; without one, the system's default
-    verifying context is (a router's self-signed certificate needs its own context).
+    A target with `use_tls` gets the context its TLS settings ask for (a pinned
+    fingerprint, a CA, or no verification: see routeros/tls.py); `ssl_context` serves
+    the ones with no setting of their own (the system's CAs without it).
     """
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -122,7 +126,11 @@ class RouterPool:
                 self._drop(router, connection, "router settings changed")
             router.idle.clear()
             log.info("router_target_changed", router_id=target.router_id)
-        router = _Router(target, asyncio.Semaphore(target.max_concurrency))
+        router = _Router(
+            target,
+            asyncio.Semaphore(target.max_concurrency),
+            client_context(target, self._ssl_context),
+        )
         self._routers[target.router_id] = router
         return router
 
@@ -134,7 +142,7 @@ class RouterPool:
             if connection.healthy():
                 return connection
             self._drop(router, connection, "closed while idle")
-        connection = await Connection.open(router.target, self._ssl_for(router.target))
+        connection = await Connection.open(router.target, router.ssl_context)
         if self._closed:
             connection.discard("pool closed")
             raise RuntimeError("RouterPool is closed")
@@ -150,10 +158,3 @@ class RouterPool:
     def _drop(self, router: _Router, connection: Connection, reason: str) -> None:
         router.open.discard(connection)
         connection.discard(reason)
-
-    def _ssl_for(self, target: RouterTarget) -> ssl.SSLContext | None:
-        if not target.use_tls:
-            return None
-        if self._ssl_context is None:
-            self._ssl_context = ssl.create_default_context()
-        return self._ssl_context

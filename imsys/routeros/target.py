@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from imsys.routeros.tls import normalize_fingerprint
+
 
 @dataclass(frozen=True)
 class RouterTarget:
@@ -15,6 +17,12 @@ class RouterTarget:
     username: str
     password: str = field(repr=False)
     use_tls: bool = False
+    # How to trust the router's certificate (with use_tls; see routeros/tls.py): its
+    # SHA-256 pinned, a CA (PEM, no host name check), or nothing (tls_verify False; a pin
+    # or a CA, when given, still applies: checking more is never less safe).
+    tls_fingerprint: str | None = None
+    tls_ca: str | None = field(default=None, repr=False)
+    tls_verify: bool = True
     # At most this many API connections to this router from one process.
     max_concurrency: int = 5
     # Seconds allowed for each command (and for connect + login unless connect_timeout).
@@ -28,6 +36,18 @@ class RouterTarget:
             raise ValueError("timeouts must be positive")
         if not 0 < self.port < 65536:
             raise ValueError(f"port {self.port} is out of range")
+        if self.tls_fingerprint is not None:
+            object.__setattr__(self, "tls_fingerprint", normalize_fingerprint(self.tls_fingerprint))
+
+    @property
+    def tls_unverified(self) -> bool:
+        """TLS with nothing checked: no pin, no CA, and verification turned off."""
+        return (
+            self.use_tls
+            and not self.tls_verify
+            and self.tls_fingerprint is None
+            and self.tls_ca is None
+        )
 
     @property
     def address(self) -> str:

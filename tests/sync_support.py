@@ -22,6 +22,7 @@ from imsys.network import models, service
 from imsys.outbox import OutboxRelay
 from imsys.settings import Settings
 from imsys.sim.routeros import RouterOSSimulator
+from imsys.sim.routeros_menus import DEFAULT_VERSION
 from imsys.streams.engine import Engine
 from imsys.sync.context import SyncContext
 from imsys.sync.service import subscriber_changed
@@ -124,13 +125,19 @@ def sync_settings(settings: Settings) -> Settings:
 
 
 async def make_stack(
-    settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str, routers: int = 1
+    settings: Settings,
+    redis: Redis,
+    db: asyncpg.Pool,
+    prefix: str,
+    routers: int = 1,
+    *,
+    version: str = DEFAULT_VERSION,
 ) -> tuple[Stack, aiohttp.ClientSession, SyncContext]:
     settings = sync_settings(settings)
     await db.execute("DELETE FROM outbox")
     sims = []
     for _ in range(routers):
-        sim = RouterOSSimulator(username="admin", password=ROUTER_PASSWORD)
+        sim = RouterOSSimulator(username="admin", password=ROUTER_PASSWORD, version=version)
         for profile in ("basic", "premium"):
             sim.add_item("/ppp/profile", name=profile)
             sim.add_item("/ip/hotspot/user/profile", name=profile)
@@ -181,10 +188,23 @@ async def make_stack(
 
 
 @pytest.fixture
+def ros_version() -> str:
+    """The RouterOS version `stack`'s simulator models; `ROS_VERSIONS` parametrizes it."""
+    return DEFAULT_VERSION
+
+
+# `pytestmark = ROS_VERSIONS` runs a module's `stack` tests against a RouterOS 6.49 router
+# (an empty print is just `!done`) and a 7.18+ one (`!empty` then `!done`).
+ROS_VERSIONS = pytest.mark.parametrize(
+    "ros_version", ["6.49.17", DEFAULT_VERSION], ids=["ros6.49", f"ros{DEFAULT_VERSION}"]
+)
+
+
+@pytest.fixture
 async def stack(
-    settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str
+    settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str, ros_version: str
 ) -> AsyncIterator[Stack]:
-    s, http, pool = await make_stack(settings, redis, db, prefix)
+    s, http, pool = await make_stack(settings, redis, db, prefix, version=ros_version)
     yield s
     await _teardown(s, http, pool)
 

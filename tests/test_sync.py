@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.sync_support import Stack
+from tests.sync_support import ROS_VERSIONS, Stack
+
+# Every test against RouterOS 6.49 and 7.18+ (which answers an empty print with `!empty`).
+pytestmark = ROS_VERSIONS
 
 SECRET = "/ppp/secret"
 
@@ -23,7 +26,9 @@ async def test_new_subscriber_is_created_on_the_router(stack: Stack) -> None:
     assert row["sync_status"] == "synced"
     assert row["last_synced_at"] is not None
     audit = await stack.db.fetch(
-        "SELECT action, outcome FROM audit_log WHERE correlation_id = 'test:create:alice'"
+        "SELECT action, outcome FROM audit_log"
+        " WHERE correlation_id = 'test:create:alice' AND subscriber_id = $1",
+        sid,
     )
     assert [(a["action"], a["outcome"]) for a in audit] == [(f"add {SECRET}", "ok")]
 

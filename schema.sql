@@ -349,3 +349,12 @@ CREATE INDEX IF NOT EXISTS notifications_queued ON notifications (id) WHERE stat
 -- released or older than its lease (the claimant died mid-call).
 ALTER TABLE notifications ADD COLUMN IF NOT EXISTS sending_at timestamptz;
 ALTER TABLE notifications ADD COLUMN IF NOT EXISTS sending_by text;
+
+-- How imsys trusts a router's API-SSL certificate (imsys/routeros/tls.py): its SHA-256
+-- pinned (lower-case hex; the usual case: MikroTik certificates are self-signed and
+-- addressed by IP), a CA in PEM (no host name check), or tls_verify false (nothing
+-- checked, a warning at every connect). None of them: the system CAs and the host name.
+ALTER TABLE routers ADD COLUMN IF NOT EXISTS tls_fingerprint text
+    CHECK (tls_fingerprint ~ '^[0-9a-f]{64}$');
+ALTER TABLE routers ADD COLUMN IF NOT EXISTS tls_ca text;
+ALTER TABLE routers ADD COLUMN IF NOT EXISTS tls_verify boolean NOT NULL DEFAULT true;

@@ -81,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
         help="RouterOS version to model (default 7.19.4; before 7.18 no !empty replies)",
     )
     s.add_argument("--api-key", default="sim-key")
+    s.add_argument(
+        "--tls",
+        action="store_true",
+        help="routeros: serve API-SSL with a fresh self-signed certificate (prints its SHA-256)",
+    )
 
     c = sub.add_parser("chaos", help="adversarial scenarios on private Redis/PostgreSQL servers")
     c.add_argument("--short", action="store_true", help="small counts, short outages (< 2 min)")
@@ -300,8 +305,20 @@ def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"sim routeros: {exc}", file=sys.stderr)
             return 2
+        context = None
+        if args.tls:
+            from imsys.sim.routeros_tls import self_signed
+
+            certificate = self_signed(args.host)
+            print(f"tls_fingerprint {certificate.fingerprint}", flush=True)
+            context = certificate.context
         coro: Coroutine[Any, Any, None] = routeros.serve(
-            args.host, args.port or 8728, args.username, args.password, version=version
+            args.host,
+            args.port or (8729 if args.tls else 8728),
+            args.username,
+            args.password,
+            ssl_context=context,
+            version=version,
         )
     elif args.which == "bouncer":
         from imsys.sim import bouncer

@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import ssl
-import subprocess
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +26,7 @@ from imsys.routeros import (
     parse_uptime,
 )
 from imsys.sim.routeros import RouterOSSimulator
+from imsys.sim.routeros_tls import self_signed
 
 USER = "admin"
 PASSWORD = "s3cret-pw"
@@ -547,22 +545,15 @@ async def test_changed_password_replaces_pooled_connections(
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-async def test_tls_target_uses_the_pool_ssl_context(tmp_path: Path) -> None:
-    """use_tls connects with the pool's SSL context (api-ssl); plain targets stay plain."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_context.load_cert_chain(cert, key)
-    sim = RouterOSSimulator(username=USER, password=PASSWORD, ssl_context=server_context)
+async def test_tls_target_connects_by_pin_and_plain_targets_stay_plain() -> None:
+    """use_tls with the certificate's pinned SHA-256 speaks api-ssl; plain targets stay plain."""
+    certificate = self_signed("127.0.0.1")
+    sim = RouterOSSimulator(username=USER, password=PASSWORD, ssl_context=certificate.context)
     await sim.start()
-    pool = RouterPool(ssl_context=ssl.create_default_context(cafile=str(cert)))
+    pool = RouterPool()
     try:
-        async with pool.session(target_for(sim, use_tls=True)) as ros:
+        pinned = target_for(sim, use_tls=True, tls_fingerprint=certificate.fingerprint)
+        async with pool.session(pinned) as ros:
             assert (await ros.resource())["board-name"] == "RB5009UG+S+"
         with pytest.raises(RouterUnavailable):
             async with pool.session(target_for(sim, router_id=8, timeout=0.5)) as ros:

@@ -3,12 +3,15 @@ before anything reaches PostgreSQL or a router."""
 
 from __future__ import annotations
 
+import ssl
 from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from imsys.routeros.tls import normalize_fingerprint
 
 ASCII_PRINTABLE = r"^[\x21-\x7e]+$"
 
@@ -33,6 +36,20 @@ class TenantIn(Strict):
         return v
 
 
+def _tls_fingerprint(v: str | None) -> str | None:
+    return None if v is None else normalize_fingerprint(v)
+
+
+def _tls_ca(v: str | None) -> str | None:
+    if v is None:
+        return None
+    try:
+        ssl.create_default_context(cadata=v)
+    except (ssl.SSLError, ValueError):
+        raise ValueError("tls_ca is not a PEM certificate") from None
+    return v
+
+
 class RouterIn(Strict):
     tenant_id: int
     name: str = Field(min_length=1, max_length=100)
@@ -42,6 +59,20 @@ class RouterIn(Strict):
     password: str = Field(default="", max_length=200, pattern=r"^[\x20-\x7e]*$")
     use_tls: bool = False
     max_concurrency: int = Field(default=5, ge=1, le=50)
+    # How to trust the router's certificate (routeros/tls.py): the usual case is its
+    # SHA-256 pinned; or a CA (PEM); or, explicitly, no verification at all.
+    tls_fingerprint: str | None = Field(default=None, max_length=200)
+    tls_ca: str | None = Field(default=None, max_length=20000)
+    tls_verify: bool = True
+
+    _fingerprint = field_validator("tls_fingerprint")(_tls_fingerprint)
+    _ca = field_validator("tls_ca")(_tls_ca)
+
+    @model_validator(mode="after")
+    def _tls(self) -> RouterIn:
+        if not self.tls_verify and (self.tls_fingerprint or self.tls_ca):
+            raise ValueError("tls_verify false excludes tls_fingerprint and tls_ca")
+        return self
 
 
 class PackageIn(Strict):

@@ -80,7 +80,8 @@ async def _require(conn: Executor, table: str, id_: int, tenant_id: int | None =
 
 
 ROUTER_COLUMNS = """
-    id, tenant_id, name, host, port, use_tls, username, max_concurrency, online, version, uptime,
+    id, tenant_id, name, host, port, use_tls, tls_fingerprint, tls_ca, tls_verify, username,
+    max_concurrency, online, version, uptime,
     cpu_load, last_seen_at, last_error, guard_tripped_at, guard_reason, guard_override_until,
     created_at
 """
@@ -92,8 +93,8 @@ async def create_router(db: asyncpg.Pool, data: RouterIn) -> dict[str, Any]:
         row = await db.fetchrow(
             f"""
             INSERT INTO routers (tenant_id, name, host, port, use_tls, username, password,
-                                 max_concurrency)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {ROUTER_COLUMNS}
+                                 max_concurrency, tls_fingerprint, tls_ca, tls_verify)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {ROUTER_COLUMNS}
             """,
             data.tenant_id,
             data.name,
@@ -103,6 +104,9 @@ async def create_router(db: asyncpg.Pool, data: RouterIn) -> dict[str, Any]:
             data.username,
             data.password,
             data.max_concurrency,
+            data.tls_fingerprint,
+            data.tls_ca,
+            data.tls_verify,
         )
     except asyncpg.UniqueViolationError:
         raise Conflict(

@@ -43,6 +43,9 @@ def router_target(ctx: SyncContext, row: Any) -> RouterTarget:
         username=row["username"],
         password=row["password"],
         use_tls=row["use_tls"],
+        tls_fingerprint=row["tls_fingerprint"],
+        tls_ca=row["tls_ca"],
+        tls_verify=row["tls_verify"],
         max_concurrency=row["max_concurrency"],
         timeout=ctx.settings.sync.router_timeout_s,
     )

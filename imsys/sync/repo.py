@@ -30,6 +30,7 @@ WHERE s.id = $1
 
 ROUTER = """
 SELECT id, tenant_id, name, host, port, use_tls, username, password, max_concurrency,
+       tls_fingerprint, tls_ca, tls_verify,
        online, uptime, guard_tripped_at, guard_override_until > now() AS guard_overridden
 FROM routers WHERE id = $1
 """

@@ -127,6 +127,16 @@ async def test_ca_mode_refuses_a_certificate_of_another_ca(
     assert logins(sim) == 0
 
 
+async def test_unusable_ca_in_the_settings_is_a_clear_error(
+    sim: RouterOSSimulator, pool: RouterPool
+) -> None:
+    """A tls_ca that is no certificate (e.g. written by hand in SQL): RouterTLSError, no login."""
+    with pytest.raises(RouterTLSError, match="tls_ca is not a usable PEM certificate"):
+        async with pool.session(target(sim, tls_ca="garbage")) as ros:
+            await ros.resource()
+    assert logins(sim) == 0
+
+
 async def test_system_cas_refuse_a_self_signed_certificate(
     sim: RouterOSSimulator, pool: RouterPool
 ) -> None:

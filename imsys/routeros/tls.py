@@ -23,6 +23,8 @@ import re
 import ssl
 from typing import TYPE_CHECKING, Final
 
+from imsys.routeros.errors import RouterTLSError
+
 if TYPE_CHECKING:
     from imsys.routeros.target import RouterTarget
 
@@ -60,7 +62,13 @@ def client_context(
     if not target.use_tls:
         return None
     if target.tls_ca is not None:
-        context = ssl.create_default_context(cadata=target.tls_ca)
+        try:
+            context = ssl.create_default_context(cadata=target.tls_ca)
+        except (ssl.SSLError, ValueError):
+            raise RouterTLSError(
+                f"{target.label}: tls_ca is not a usable PEM certificate",
+                router_id=target.router_id,
+            ) from None
         context.check_hostname = False
         return context
     if target.tls_fingerprint is not None or not target.tls_verify:

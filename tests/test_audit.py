@@ -53,20 +53,24 @@ async def test_normal_run_leaves_ok_rows_one_per_command_and_correlation(stack: 
 
 
 async def test_refused_command_completes_its_row_as_failed(stack: Stack) -> None:
-    """A command the router refuses (a profile it lacks) leaves its row 'failed: …'."""
+    """A command the router refuses (a profile with a rate it cannot parse, in a package
+    row older than the API's validation) leaves its row 'failed: …'."""
     pkg = await service.create_package(
         stack.db,
         models.PackageIn(
             tenant_id=stack.tenant_id, name="ghost-plan", profile="nowhere", price=1, period_days=30
         ),
     )
+    await stack.db.execute(
+        "UPDATE packages SET rate_limit = 'tenmegabits' WHERE id = $1", pkg["id"]
+    )
     sid = await stack.add_subscriber("pavel", package_id=pkg["id"])
     await stack.relay.relay_once()
     await stack.engine.consumers["sync"].process_once(block_ms=10)
     [(_, action, outcome, completed)] = await rows(stack, sid)
-    assert action == f"add {SECRET}"
+    assert action == "add /ppp/profile"
     assert outcome.startswith("failed: ")
-    assert "profile" in outcome
+    assert "rate-limit" in outcome
     assert completed
     assert stack.secrets() == {}
 

@@ -20,3 +20,7 @@ SYSTEM_REBOOT: Final = "/system/reboot"
 
 # Where a subscriber's login lives, by service (PPPoE secret or hotspot user).
 LOGIN_BY_SERVICE: Final = {"pppoe": PPP_SECRET, "hotspot": HOTSPOT_USER}
+# Where a package's rate lives for that login, by service (a profile named like the package's).
+PROFILE_BY_SERVICE: Final = {"pppoe": PPP_PROFILE, "hotspot": HOTSPOT_USER_PROFILE}
+# Built into every router, never created, changed or removed by imsys.
+BUILTIN_PROFILE: Final = "default"

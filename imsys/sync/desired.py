@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imsys.routeros import is_true
-from imsys.routeros.menus import LOGIN_BY_SERVICE
+from imsys.routeros.menus import BUILTIN_PROFILE, LOGIN_BY_SERVICE
 
 
 def marker(tag: str, subscriber_id: int) -> str:
@@ -26,6 +26,13 @@ def parse_marker(tag: str, comment: str | None) -> int | None:
         return int(comment[len(tag) + 5 :])
     except ValueError:
         return None
+
+
+def profile_marker(tag: str) -> str:
+    """The comment that marks a profile as imsys's: one made for a package of the tenant.
+
+    Not per package: two packages may share a profile (and then share its rate)."""
+    return f"{tag}:profile"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +157,49 @@ def plan(desired: Desired, managed: dict[str, list[dict[str, str]]], tag: str) -
     if is_true(entry.get("disabled", "false")) != desired.disabled:
         login.set["disabled"] = want["disabled"]
     return p
+
+
+def plan_profile(
+    menu: str, name: str, rate_limit: str | None, found: list[dict[str, str]], tag: str
+) -> MenuChange:
+    """The change that makes profile ``name`` in ``menu`` carry the package's rate.
+
+    ``found`` is the menu's entries with that name. Missing: add it, tagged. Tagged with
+    another rate: set it. A profile imsys did not make (untagged, or the built-in
+    ``default``) is used as it is and never changed: adoption takes it over, not a sync.
+    A package without a rate leaves the profile's rate alone.
+    """
+    change = MenuChange(menu)
+    if name == BUILTIN_PROFILE:
+        return change
+    if not found:
+        change.add = {"name": name, "comment": profile_marker(tag)}
+        if rate_limit:
+            change.add["rate-limit"] = rate_limit
+        return change
+    entry = found[0]
+    if entry.get("comment") != profile_marker(tag):
+        return change
+    if rate_limit and str(entry.get("rate-limit", "")) != rate_limit:
+        change.set_id = entry[".id"]
+        change.set["rate-limit"] = rate_limit
+    return change
+
+
+def orphan_profiles(
+    entries: list[dict[str, str]], wanted: set[str], used: set[str], tag: str
+) -> list[tuple[str, str]]:
+    """(.id, name) of the tagged profiles no package wants and no login on the router uses.
+
+    Never the built-in ``default``, never an untagged profile, never one still in use."""
+    return [
+        (e[".id"], e.get("name", ""))
+        for e in entries
+        if e.get("comment") == profile_marker(tag)
+        and e.get("name") != BUILTIN_PROFILE
+        and e.get("name") not in wanted
+        and e.get("name") not in used
+    ]
 
 
 _UPTIME_PART = re.compile(r"(\d+)(ms|us|w|d|h|m|s)")

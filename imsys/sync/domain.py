@@ -7,7 +7,14 @@ from functools import partial
 from imsys.deps import Deps
 from imsys.sync.context import SyncContext
 from imsys.sync.handlers import reboot_router, sync_subscriber
-from imsys.sync.jobs import EXPIRE_TENANT, REBOOT_ROUTER, SYNC_ROUTER, SYNC_SUBSCRIBER
+from imsys.sync.jobs import (
+    EXPIRE_TENANT,
+    REBOOT_ROUTER,
+    SYNC_PROFILES,
+    SYNC_ROUTER,
+    SYNC_SUBSCRIBER,
+)
+from imsys.sync.profile_job import sync_profiles
 from imsys.sync.reconcile import (
     all_router_facts,
     enqueue_expiry,
@@ -25,6 +32,7 @@ def register(deps: Deps) -> SyncContext:
     reg.add(SYNC_SUBSCRIBER, partial(sync_subscriber, ctx))
     reg.add(SYNC_ROUTER, partial(sync_router, ctx))
     reg.add(REBOOT_ROUTER, partial(reboot_router, ctx))
+    reg.add(SYNC_PROFILES, partial(sync_profiles, ctx))
     reg.add(EXPIRE_TENANT, partial(expire_tenant, ctx))
     cfg = deps.settings.sync
 

@@ -21,6 +21,7 @@ from imsys.sync import repo
 from imsys.sync.context import SyncContext
 from imsys.sync.desired import Plan, marker, plan, public_fields
 from imsys.sync.jobs import RouterJob, SyncSubscriber
+from imsys.sync.profiles import ensure_profile, names_profile
 
 log = structlog.get_logger("imsys.sync")
 
@@ -228,6 +229,10 @@ async def sync_subscriber(ctx: SyncContext, job: Job[SyncSubscriber]) -> None:
         async with router_session(ctx, router, job) as ros:
             managed = await read_managed(ros, tag, sub.id)
             steps = plan(sub.desired, managed, tag)
+            if sub.desired.present and (sub.kick_required or names_profile(steps)):
+                # A login that names its package's profile (new, or a new package), or a
+                # session about to restart, needs that profile there with its rate first.
+                await ensure_profile(ctx.db, ros, sub.id, sub.desired.service, tag, audit)
             if any(c.add is not None for c in steps.changes):
                 await _refuse_unmanaged_twin(ros, steps)
             await apply_plan(ros, steps, audit)

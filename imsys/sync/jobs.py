@@ -41,6 +41,10 @@ class ExpireTenant(BaseModel):
 SYNC_SUBSCRIBER = JobSpec(STREAM, "sync_subscriber", SyncSubscriber)
 # Reconcile one router: drift, orphans, the mass-disconnect guard (reconcile.sync_router).
 SYNC_ROUTER = JobSpec(STREAM, "sync_router", RouterJob)
+# Align one router's package profiles (profile_job.sync_profiles): queued without a job
+# id by a package's create, change and delete, so a change never merges into an older
+# run that read the package before it.
+SYNC_PROFILES = JobSpec(STREAM, "sync_profiles", RouterJob)
 # Reboot one router on an operator's request (handlers.reboot_router).
 REBOOT_ROUTER = JobSpec(STREAM, "reboot_router", RouterJob)
 # Suspend a tenant's expired subscribers (reconcile.expire_tenant).

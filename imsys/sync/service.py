@@ -19,6 +19,7 @@ from imsys.streams.producer import Enqueued, Producer
 from imsys.sync.jobs import (
     EXPIRE_TENANT,
     REBOOT_ROUTER,
+    SYNC_PROFILES,
     SYNC_ROUTER,
     SYNC_SUBSCRIBER,
     expire_job_id,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from imsys.db import Conn
 
 __all__ = [
+    "package_changed",
     "queue_expiry",
     "queue_reboot",
     "queue_reconciliation",
@@ -53,6 +55,17 @@ async def queue_sync(conn: Conn, subscriber_id: int, correlation_id: str, cause:
 async def subscriber_changed(conn: Conn, subscriber_id: int, correlation_id: str) -> None:
     """The network model changed this subscriber's desired state: queue its sync."""
     await queue_sync(conn, subscriber_id, correlation_id, "api")
+
+
+async def package_changed(conn: Conn, tenant_id: int, correlation_id: str) -> None:
+    """A package of the tenant was created, changed or deleted: align the package profiles
+    on each of the tenant's routers (the ``on_package`` hook of the network model)."""
+    routers = await conn.fetch("SELECT id FROM routers WHERE tenant_id = $1 ORDER BY id", tenant_id)
+    await outbox.add_many(
+        conn,
+        SYNC_PROFILES,
+        [({"router_id": r["id"], "correlation_id": correlation_id}, None) for r in routers],
+    )
 
 
 async def request_sync(db: asyncpg.Pool, subscriber_id: int, correlation_id: str) -> None:

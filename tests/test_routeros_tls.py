@@ -4,6 +4,7 @@ verification explicitly off; the real librouteros client against the simulator's
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import sys
 from collections.abc import AsyncIterator
@@ -75,13 +76,17 @@ def leaked(logs: list[dict[str, Any]]) -> bool:
 
 
 async def test_pinned_fingerprint_connects(
-    sim: RouterOSSimulator, pool: RouterPool, cert: SelfSigned
+    sim: RouterOSSimulator, pool: RouterPool, cert: SelfSigned, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A self-signed certificate addressed by IP is trusted by its pinned SHA-256."""
+    """A self-signed certificate addressed by IP is trusted by its pinned SHA-256; the
+    password shows in no log (structlog or stdlib, librouteros's debug log included)."""
     colons = ":".join(cert.fingerprint[i : i + 2] for i in range(0, 64, 2)).upper()
-    async with pool.session(target(sim, tls_fingerprint=colons)) as ros:
-        assert (await ros.resource())["board-name"] == "RB5009UG+S+"
+    with caplog.at_level(logging.DEBUG), capture_logs() as logs:
+        async with pool.session(target(sim, tls_fingerprint=colons)) as ros:
+            assert (await ros.resource())["board-name"] == "RB5009UG+S+"
     assert logins(sim) == 1
+    assert PASSWORD not in caplog.text
+    assert not leaked(logs)
 
 
 async def test_wrong_pin_is_refused_before_the_password_is_sent(

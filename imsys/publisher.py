@@ -31,6 +31,7 @@ EventType = Literal[
     "subscriber_sync_failed",
     "router_online",
     "router_offline",
+    "router_guard_tripped",
 ]
 
 

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from imsys.billing.context import BillingContext
 from imsys.billing.domain import queue_reminders
 from imsys.billing.handlers import current_period
-from imsys.http import api_billing
+from imsys.http import api_billing, api_network
 from imsys.http.server import build_app
 from imsys.settings import Settings
 from imsys.sim.gateway import GatewaySimulator
@@ -84,6 +84,74 @@ async def customers(b: BillingStack, n: int, **kw: object) -> list[int]:
     ]
 
 
+async def expiry_sweep(b: BillingStack) -> None:
+    """What the expiry timer does, for this test's tenant: suspends the expired ones."""
+    await b.stack.engine.producer.enqueue("sync", "expire_tenant", {"tenant_id": b.stack.tenant_id})
+    await b.settle()
+
+
+async def pay(b: BillingStack, sid: int, reference: str) -> None:
+    """A payment through the API, then its job run to the end (sync included)."""
+    s = b.stack
+    app = build_app(s.engine, s.deps.redis, s.db, "test-token")
+    api_billing.add_routes(app, s.deps)
+    body = {"subscriber_id": sid, "amount": "10.00", "reference": reference}
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.post("/api/payments", json=body, headers=TOKEN)
+        assert resp.status == 201, await resp.text()
+    await b.settle()
+
+
+async def test_payment_lifts_an_expired_suspension(billing: BillingStack) -> None:
+    """A subscriber the sweep suspended (reason 'expired') is reconnected by a payment."""
+    [sid] = await customers(billing, 1, expires_at=datetime.now(UTC) - timedelta(days=1))
+    await expiry_sweep(billing)
+    s = billing.stack
+    row = await s.db.fetchrow(
+        "SELECT is_suspended, suspension_reason FROM subscribers WHERE id = $1", sid
+    )
+    assert (row["is_suspended"], row["suspension_reason"]) == (True, "expired")
+    assert s.secrets()["c000"]["disabled"] == "true"
+    await pay(billing, sid, "EXP0000001")
+    row = await s.db.fetchrow(
+        "SELECT is_suspended, suspension_reason FROM subscribers WHERE id = $1", sid
+    )
+    assert (row["is_suspended"], row["suspension_reason"]) == (False, None)
+    assert s.secrets()["c000"]["disabled"] == "false"
+
+
+async def test_payment_leaves_an_admin_suspension(billing: BillingStack) -> None:
+    """A subscriber an admin suspended through the API stays suspended (and disabled on
+    the router) after a payment, which still extends the paid-up time."""
+    [sid] = await customers(billing, 1, expires_at=datetime.now(UTC) + timedelta(days=1))
+    s = billing.stack
+    app = build_app(s.engine, s.deps.redis, s.db, "test-token")
+    api_network.add_routes(app, s.deps)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.patch(
+            f"/api/subscribers/{sid}", json={"is_suspended": True}, headers=TOKEN
+        )
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["suspension_reason"] == "admin"
+    await billing.settle()
+    assert s.secrets()["c000"]["disabled"] == "true"
+    before = await s.db.fetchval("SELECT expires_at FROM subscribers WHERE id = $1", sid)
+    await pay(billing, sid, "ADM0000001")
+    row = await s.db.fetchrow(
+        "SELECT is_suspended, suspension_reason, expires_at FROM subscribers WHERE id = $1", sid
+    )
+    assert (row["is_suspended"], row["suspension_reason"]) == (True, "admin")
+    assert row["expires_at"] > before
+    assert s.secrets()["c000"]["disabled"] == "true"
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.patch(
+            f"/api/subscribers/{sid}", json={"is_suspended": False}, headers=TOKEN
+        )
+        assert (await resp.json())["suspension_reason"] is None
+    await billing.settle()
+    assert s.secrets()["c000"]["disabled"] == "false"
+
+
 async def run_bills(b: BillingStack) -> str:
     period = current_period("UTC")
     await b.stack.engine.producer.enqueue(
@@ -125,10 +193,8 @@ async def test_bills_once_per_subscriber_and_period(billing: BillingStack) -> No
 async def test_payment_posted_five_times_concurrently_counts_once(billing: BillingStack) -> None:
     """The same payment five times at once (and its job twice): one payment, one extension,
     one reconnect, one acknowledgement."""
-    [sid] = await customers(
-        billing, 1, is_suspended=True, expires_at=datetime.now(UTC) - timedelta(days=1)
-    )
-    await billing.settle()
+    [sid] = await customers(billing, 1, expires_at=datetime.now(UTC) - timedelta(days=1))
+    await expiry_sweep(billing)
     s = billing.stack
     assert s.secrets()["c000"]["disabled"] == "true"
     app = build_app(s.engine, s.deps.redis, s.db, "test-token")

@@ -258,7 +258,9 @@ async def test_dashboard_in_chromium_shows_live_state(
 @needs_chromium
 async def test_dashboard_actions_in_chromium(isolated_stack: Stack) -> None:
     """Clicking Replay puts the dead letter back; Retry queues a sync; the demo panel's
-    button takes a router offline; a wrong token brings the login form back."""
+    button takes a router offline; a tripped guard shows on the router row and its Confirm
+    applies the held sweep (suspension reason shown); a wrong token brings the login form
+    back."""
     stack = isolated_stack
     await populate(stack)
     demo = FakeOutages()
@@ -289,6 +291,30 @@ async def test_dashboard_actions_in_chromium(isolated_stack: Stack) -> None:
             "document.querySelector('[data-demo-router=\"1\"]').textContent.includes('down')"
         )
         assert demo.calls == [(1, True)]
+
+        # All three expire at once: the sweep's guard holds them and the router row says so.
+        await stack.db.execute(
+            "UPDATE subscribers SET expires_at = now() - interval '1 hour' WHERE router_id = $1",
+            stack.router_id,
+        )
+        await stack.engine.producer.enqueue("sync", "expire_tenant", {"tenant_id": stack.tenant_id})
+        await stack.settle()
+        guard = await browser.wait_for(
+            "document.querySelector('#routers [data-guard]')?.textContent"
+        )
+        assert "guard: 3 of 3 would be cut off" in guard
+        assert "suspend (expired)" in guard
+        assert not any(e["disabled"] == "true" for e in stack.secrets().values())
+        await browser.evaluate("window.confirm = () => true")  # the page asks first
+        await browser.click("#routers [data-confirm-guard]")
+        await browser.wait_for("document.getElementById('toast').textContent.includes('confirmed')")
+        await browser.wait_for("!document.querySelector('#routers [data-guard]')")
+        await stack.settle()
+        assert all(e["disabled"] == "true" for e in stack.secrets().values())
+        await browser.wait_for(
+            "[...document.querySelectorAll('#subscribers tbody tr')]"
+            ".every((r) => r.textContent.includes('suspended: expired'))"
+        )
 
         # A token the server refuses: back to the login form, with the reason.
         await browser.evaluate("sessionStorage.setItem('imsys.token', 'wrong')")

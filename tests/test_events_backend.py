@@ -72,7 +72,8 @@ async def test_sync_publishes_its_events(stack: Stack) -> None:
 
 
 async def test_every_kind_appears_on_the_stream(ev: EventsStack, stack: Stack) -> None:
-    """OTP, service and notification events join the sync ones: all nine kinds appear."""
+    """OTP, service, notification and guard events join the sync ones: all ten kinds
+    appear."""
     await drive_sync(stack)
     await ev.enqueue("whatsapp_otp", otp_payload())
     await ev.enqueue("email_otp", otp_payload(recipient=EMAIL, expires_at=now_ms() - 1))
@@ -86,6 +87,12 @@ async def test_every_kind_appears_on_the_stream(ev: EventsStack, stack: Stack) -
     await ev.deps.events.publish(
         "notification_failed",
         {"notification_id": 8, "channel": "email", "template": "reminder", "error": "550"},
+    )
+    # Sync publishes this when its guard holds disconnections (tests/test_guard.py trips it).
+    await ev.deps.events.publish(
+        "router_guard_tripped",
+        {"router_id": stack.router_id, "tenant_id": stack.tenant_id, "cause": "sweep",
+         "reason": "would cut off 6 of 8", "would_disconnect": 6, "subscribers": 8},
     )
     events = await ev.events()
     assert {e["type"] for e in events} == set(get_args(EventType))

@@ -1,8 +1,9 @@
 """Payments: recorded once per provider reference, applied exactly once.
 
 Applying a payment extends the subscriber's paid-up time by the package period, lifts a
-suspension, queues the sync and an acknowledgement — in one transaction guarded by
-``applied_at``, so a replayed payment changes nothing and sends nothing.
+suspension the expiry sweep made (an admin's stays until an admin lifts it), queues the
+sync and an acknowledgement — in one transaction guarded by ``applied_at``, so a
+replayed payment changes nothing and sends nothing.
 """
 
 from __future__ import annotations
@@ -140,7 +141,10 @@ async def apply_payment(
             UPDATE subscribers s SET
                 expires_at = GREATEST(COALESCE(s.expires_at, now()), now())
                              + make_interval(days => p.period_days),
-                is_suspended = false, desired_version = desired_version + 1,
+                -- A payment lifts the sweep's suspension, never an admin's.
+                is_suspended = s.is_suspended AND s.suspension_reason IS NOT DISTINCT FROM 'admin',
+                suspension_reason = CASE WHEN s.suspension_reason = 'admin' THEN 'admin' END,
+                desired_version = desired_version + 1,
                 sync_status = 'pending', updated_at = now(),
                 pending_correlations = pending_correlations || ARRAY[$2]
             FROM packages p, tenants t

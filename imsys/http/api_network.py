@@ -17,7 +17,7 @@ from imsys.http.common import (
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
 from imsys.network import models, service
-from imsys.sync.service import package_changed, subscriber_changed
+from imsys.sync.service import subscriber_changed
 
 
 @creating
@@ -30,6 +30,24 @@ async def get_tenants(request: web.Request) -> web.Response:
     return json_response({"tenants": await service.list_tenants(request.app[DEPS].db)})
 
 
+async def patch_tenant(request: web.Request) -> web.Response:
+    patch = await parse(request, models.TenantPatch)
+    return json_response(
+        await service.update_tenant(request.app[DEPS].db, int_param(request), patch)
+    )
+
+
+async def patch_router(request: web.Request) -> web.Response:
+    patch = await parse(request, models.RouterPatch)
+    return json_response(
+        await service.update_router(request.app[DEPS].db, int_param(request), patch)
+    )
+
+
+async def delete_router(request: web.Request) -> web.Response:
+    return json_response(await service.delete_router(request.app[DEPS].db, int_param(request)))
+
+
 @creating
 async def post_router(request: web.Request) -> web.Response:
     data = await parse(request, models.RouterIn)
@@ -39,33 +57,7 @@ async def post_router(request: web.Request) -> web.Response:
 @creating
 async def post_package(request: web.Request) -> web.Response:
     data = await parse(request, models.PackageIn)
-    row = await service.create_package(
-        request.app[DEPS].db, data, correlation_id(request), on_package=package_changed
-    )
-    return json_response(row, status=201)
-
-
-async def patch_package(request: web.Request) -> web.Response:
-    patch = await parse(request, models.PackagePatch)
-    row = await service.update_package(
-        request.app[DEPS].db,
-        int_param(request),
-        patch,
-        correlation_id(request),
-        on_package=package_changed,
-        on_change=subscriber_changed,
-    )
-    return json_response(row)
-
-
-async def delete_package(request: web.Request) -> web.Response:
-    row = await service.delete_package(
-        request.app[DEPS].db,
-        int_param(request),
-        correlation_id(request),
-        on_package=package_changed,
-    )
-    return json_response(row)
+    return json_response(await service.create_package(request.app[DEPS].db, data), status=201)
 
 
 async def get_packages(request: web.Request) -> web.Response:
@@ -134,11 +126,12 @@ def add_routes(app: web.Application, deps: Deps) -> None:
     r = app.router
     r.add_post("/api/tenants", post_tenant)
     r.add_get("/api/tenants", get_tenants)
+    r.add_patch(r"/api/tenants/{id:\d+}", patch_tenant)
     r.add_post("/api/routers", post_router)
+    r.add_patch(r"/api/routers/{id:\d+}", patch_router)
+    r.add_delete(r"/api/routers/{id:\d+}", delete_router)
     r.add_post("/api/packages", post_package)
     r.add_get("/api/packages", get_packages)
-    r.add_patch(r"/api/packages/{id:\d+}", patch_package)
-    r.add_delete(r"/api/packages/{id:\d+}", delete_package)
     r.add_post("/api/subscribers", post_subscriber)
     r.add_get("/api/subscribers", get_subscribers)
     r.add_get(r"/api/subscribers/{id:\d+}", get_subscriber)

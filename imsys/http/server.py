@@ -19,6 +19,7 @@ from imsys.errors import ConfigError, Unavailable
 from imsys.http.common import domain_errors, page_limit
 from imsys.http.idempotency import IDEMPOTENCY, IdempotencyStore, idempotency
 from imsys.http.json import ApiError, json_response, not_found
+from imsys.network.service import guard_states
 from imsys.settings import HttpSettings
 from imsys.streams.deadletters import ENTRY_ID
 from imsys.streams.engine import Engine
@@ -223,7 +224,12 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     figures = await engine.figures()
-    body = engine.metrics.render(figures, await engine.dead_letters.count())
+    guards: list[tuple[int, bool]] | None = None
+    try:
+        guards = await guard_states(request.app[DB])
+    except (*PG_DOWN, asyncpg.InterfaceError, OSError):
+        pass  # the streams' figures still answer while PostgreSQL is away
+    body = engine.metrics.render(figures, await engine.dead_letters.count(), guards)
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 

@@ -3,7 +3,6 @@ before anything reaches PostgreSQL or a router."""
 
 from __future__ import annotations
 
-import re
 import ssl
 from datetime import datetime
 from decimal import Decimal
@@ -76,26 +75,41 @@ class RouterIn(Strict):
         return self
 
 
-_RATE = r"\d+[kMG]?"
-_PAIR = rf"{_RATE}/{_RATE}"
-_TIME = r"\d+[smhdw]?"
-# rx/tx [rx-burst/tx-burst [rx-threshold/tx-threshold [rx-time/tx-time [priority
-# [rx-min/tx-min]]]]] (../shared/NOTES.md, RouterOS section).
-RATE_LIMIT = re.compile(
-    rf"{_PAIR}(?: {_PAIR}(?: {_PAIR}(?: {_TIME}/{_TIME}(?: [1-8](?: {_PAIR})?)?)?)?)?"
-)
-RATE_LIMIT_FORMAT = (
-    "rx/tx [rx-burst/tx-burst [rx-threshold/tx-threshold [rx-time/tx-time [priority "
-    "[rx-min/tx-min]]]]], rates with an optional k/M/G suffix, times in seconds, "
-    "priority 1-8, e.g. 10M/10M or 10M/10M 20M/20M 8M/8M 10/10 8"
-)
+class TenantPatch(Strict):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    time_zone: str | None = None
+    grace_period_s: int | None = Field(default=None, ge=0, le=90 * 86400)
+    max_disconnect_share: float | None = Field(default=None, gt=0, le=1)
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ZoneInfo(v)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {v!r}") from None
+        return v
 
 
-def check_rate_limit(value: str | None) -> str | None:
-    """``value`` when it is a RouterOS rate-limit (None: the package sets no rate)."""
-    if value is not None and not RATE_LIMIT.fullmatch(value):
-        raise ValueError(f"rate_limit {value!r} is not in RouterOS's format: {RATE_LIMIT_FORMAT}")
-    return value
+class RouterPatch(Strict):
+    """How imsys reaches a router; its tenant and its subscribers stay."""
+
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    host: str | None = Field(default=None, min_length=1, max_length=255)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    username: str | None = Field(
+        default=None, min_length=1, max_length=100, pattern=ASCII_PRINTABLE
+    )
+    password: str | None = Field(default=None, max_length=200, pattern=r"^[\x20-\x7e]*$")
+    use_tls: bool | None = None
+    max_concurrency: int | None = Field(default=None, ge=1, le=50)
+    tls_fingerprint: str | None = Field(default=None, max_length=200)
+    tls_ca: str | None = Field(default=None, max_length=20000)
+    tls_verify: bool | None = None
+
+    _fingerprint = field_validator("tls_fingerprint")(_tls_fingerprint)
+    _ca = field_validator("tls_ca")(_tls_ca)
 
 
 class PackageIn(Strict):
@@ -105,28 +119,6 @@ class PackageIn(Strict):
     rate_limit: str | None = Field(default=None, max_length=100)
     price: Decimal = Field(ge=0, max_digits=12, decimal_places=2)
     period_days: int = Field(ge=1, le=366)
-
-    _rate = field_validator("rate_limit")(check_rate_limit)
-
-    @model_validator(mode="after")
-    def _builtin(self) -> PackageIn:
-        if self.profile == "default" and self.rate_limit is not None:
-            raise ValueError(
-                "profile 'default' is built into every router and imsys never changes it: "
-                "give the package a profile of its own to set a rate_limit"
-            )
-        return self
-
-
-class PackagePatch(Strict):
-    name: str | None = Field(default=None, min_length=1, max_length=100)
-    rate_limit: str | None = Field(default=None, max_length=100)
-    price: Decimal | None = Field(default=None, ge=0, max_digits=12, decimal_places=2)
-    period_days: int | None = Field(default=None, ge=1, le=366)
-    # End the package's live sessions so the new rate applies now, not at the next login.
-    apply_now: bool = False
-
-    _rate = field_validator("rate_limit")(check_rate_limit)
 
 
 class SubscriberIn(Strict):

@@ -111,11 +111,28 @@ class EngineMetrics:
         self.dead_letters = Gauge(
             "imsys_dead_letters", "Entries in the dead-letter stream", registry=self.registry
         )
+        self.router_guard = Gauge(
+            "imsys_router_guard_tripped",
+            "1 while the router's mass-disconnect guard holds disconnections for an operator",
+            ["router_id"],
+            registry=self.registry,
+        )
 
     def observe(self, stream: str, type_: str, seconds: float) -> None:
         self.latency.observe(stream, type_, seconds)
 
-    def render(self, figures: list[StreamFigures], dead_letters: int) -> bytes:
+    def render(
+        self,
+        figures: list[StreamFigures],
+        dead_letters: int,
+        router_guards: list[tuple[int, bool]] | None = None,
+    ) -> bytes:
+        """The registry as Prometheus text; ``router_guards`` is (router id, tripped) for
+        every router (a removed router's series goes with it)."""
+        if router_guards is not None:
+            self.router_guard.clear()
+            for router_id, tripped in router_guards:
+                self.router_guard.labels(str(router_id)).set(1 if tripped else 0)
         for f in figures:
             self._gauges["length"].labels(f.stream).set(f.length)
             self._gauges["pending"].labels(f.stream).set(f.pending)

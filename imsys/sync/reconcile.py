@@ -2,8 +2,11 @@
 
 Reconciliation reads each menu once, diffs against the database and enqueues the same
 ``sync_subscriber`` job for every drifted subscriber; managed entries the database no
-longer knows are removed. The mass-disconnect guard stops a sweep or reconciliation that
-would cut off too many of one router's subscribers at once.
+longer knows are removed. The mass-disconnect guard holds the disconnections of a sweep
+or reconciliation that would cut off too many of one router's subscribers at once; the
+rest of the work (new subscribers, reconnects, package changes) goes ahead. What it holds
+is kept on the router row (``guard_held``, per cause) for the dashboard and the API until
+an operator confirms, and announced once as the backend event ``router_guard_tripped``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import orjson
 import structlog
 
 from imsys import outbox
@@ -41,9 +45,11 @@ from imsys.sync.jobs import (
     reconcile_job_id,
     sync_job_id,
 )
-from imsys.sync.profile_job import align_router_profiles
 
 log = structlog.get_logger("imsys.sync")
+
+# Commands of held changes kept on the router row (the ids are always kept in full).
+HELD_SHOWN = 50
 
 
 @dataclass
@@ -61,9 +67,30 @@ class RouterPlan:
     orphans: list[tuple[str, str, str]] = field(default_factory=list)  # (menu, id, name)
     guard: str | None = None
 
+    def cuts(self) -> list[tuple[int, Plan]]:
+        """The drift that would cut a subscriber off, not counting those with a change of
+        their own on its way (the guard's business)."""
+        return [(sid, p) for sid, p in self.drifted if p.disables and sid not in self.intended]
+
     def cutting(self) -> int:
-        drift = sum(1 for sid, p in self.drifted if p.disables and sid not in self.intended)
-        return drift + len(self.orphans)
+        return len(self.cuts()) + len(self.orphans)
+
+    def held(self) -> dict[str, Any]:
+        """What a tripped guard holds: the disconnections only (ids in full, commands of
+        the first HELD_SHOWN, enough for an operator to judge)."""
+        cuts = self.cuts()
+        return {
+            "reason": self.guard,
+            "would_disconnect": self.cutting(),
+            "subscribers": max(self.subscribers, self.managed_entries),
+            "subscriber_ids": [sid for sid, _ in cuts],
+            "changes": [
+                {"subscriber_id": sid, "commands": p.describe()} for sid, p in cuts[:HELD_SHOWN]
+            ],
+            "remove_unknown": [
+                {"menu": m, "id": i, "name": n} for m, i, n in self.orphans[:HELD_SHOWN]
+            ],
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -145,23 +172,94 @@ async def dry_run(deps: Deps, router: Any) -> RouterPlan:
 
 
 async def trip_guard(
-    ctx: SyncContext, router_id: int, reason: str, correlation: str, cause: str
+    ctx: SyncContext,
+    router_id: int,
+    cause: str,
+    held: dict[str, Any],
+    correlation: str,
 ) -> None:
-    await ctx.db.execute(
-        "UPDATE routers SET guard_tripped_at = now(), guard_reason = $2 WHERE id = $1",
-        router_id,
-        reason,
-    )
+    """Record what the guard holds on ``router_id`` for ``cause``; audit, log and publish
+    ``router_guard_tripped`` only when that changed (reconciliation runs every few
+    minutes: the same held plan is news once)."""
+    async with ctx.db.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT tenant_id, guard_held -> $2::text AS held FROM routers"
+            " WHERE id = $1 FOR UPDATE",
+            router_id,
+            cause,
+        )
+        if row is None:
+            return
+        before = orjson.loads(row["held"]) if row["held"] is not None else None
+        await conn.execute(
+            """
+            UPDATE routers SET guard_tripped_at = coalesce(guard_tripped_at, now()),
+                guard_reason = $2,
+                guard_held = guard_held || jsonb_build_object($3::text, $4::jsonb)
+            WHERE id = $1
+            """,
+            router_id,
+            f"{cause}: {held['reason']}",
+            cause,
+            orjson.dumps(held).decode(),
+        )
+    if (
+        before is not None
+        and before.get("subscriber_ids") == held["subscriber_ids"]
+        and (before.get("remove_unknown") == held["remove_unknown"])
+    ):
+        return
     await repo.audit(
         ctx.db,
         correlation_id=correlation,
         cause=cause,
         action="guard_tripped",
-        outcome="stopped",
+        outcome="held",
         router_id=router_id,
-        detail={"reason": reason},
+        detail={"reason": held["reason"], "would_disconnect": held["would_disconnect"]},
     )
-    log.error("mass_disconnect_guard_tripped", router_id=router_id, reason=reason, cause=cause)
+    log.error(
+        "mass_disconnect_guard_tripped", router_id=router_id, reason=held["reason"], cause=cause
+    )
+    await ctx.events.publish(
+        "router_guard_tripped",
+        {
+            "router_id": router_id,
+            "tenant_id": row["tenant_id"],
+            "cause": cause,
+            "reason": held["reason"],
+            "would_disconnect": held["would_disconnect"],
+            "subscribers": held["subscribers"],
+        },
+    )
+
+
+async def release_guard(
+    ctx: SyncContext,
+    cause: str,
+    *,
+    router_id: int | None = None,
+    tenant_id: int | None = None,
+    keep: list[int] | None = None,
+) -> None:
+    """``cause`` no longer holds anything on the router (or on the tenant's routers but
+    ``keep``); a router with nothing held left is no longer tripped."""
+    await ctx.db.execute(
+        """
+        UPDATE routers SET guard_held = guard_held - $1::text,
+            guard_tripped_at = CASE WHEN guard_held - $1::text = '{}'::jsonb
+                                    THEN NULL ELSE guard_tripped_at END,
+            guard_reason = CASE WHEN guard_held - $1::text = '{}'::jsonb
+                                THEN NULL ELSE guard_reason END
+        WHERE guard_held ? $1::text
+          AND ($2::bigint IS NULL OR id = $2) AND ($3::bigint IS NULL OR tenant_id = $3)
+          AND NOT (id = ANY($4::bigint[]))
+        """,
+        cause,
+        router_id,
+        tenant_id,
+        keep or [],
+    )
 
 
 async def sync_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
@@ -169,13 +267,17 @@ async def sync_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
     if router is None:
         raise PermanentError(f"router {job.payload.router_id} does not exist")
     correlation = job.payload.correlation_id or f"reconcile:{router['id']}:{job.id}"
-    # Profiles first: drifted rates re-set, missing ones added, unused orphans removed.
-    await align_router_profiles(ctx, router, job, correlation, "reconciliation")
     result = await build_plan(ctx, router)
+    held: set[int] = set()
+    orphans = result.orphans
     if result.guard:
-        await trip_guard(ctx, router["id"], result.guard, correlation, "reconciliation")
-        return
-    if result.orphans:
+        # Hold the disconnections only: adds, reconnects and package changes go ahead.
+        await trip_guard(ctx, router["id"], "reconciliation", result.held(), correlation)
+        held = {sid for sid, _ in result.cuts()}
+        orphans = []
+    else:
+        await release_guard(ctx, "reconciliation", router_id=router["id"])
+    if orphans:
         audit = Auditor(
             ctx,
             job,
@@ -186,13 +288,13 @@ async def sync_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
             subscriber_id=None,
         )
         async with router_session(ctx, router, job) as ros:
-            for menu, item_id, name in result.orphans:
+            for menu, item_id, name in orphans:
                 await audit.run(
                     f"remove {menu}",
                     {"id": item_id, "name": name},
                     partial(ros.remove, menu, item_id),
                 )
-    drifted = [sid for sid, _ in result.drifted]
+    drifted = [sid for sid, _ in result.drifted if sid not in held]
     marked = 0
     syncs = drifted + result.pending
     if syncs:
@@ -223,7 +325,8 @@ async def sync_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
         drifted=len(result.drifted),
         marked_pending=marked,
         pending=len(result.pending),
-        removed_unknown=len(result.orphans),
+        removed_unknown=len(orphans),
+        held=len(held) + len(result.orphans) - len(orphans),
     )
 
 
@@ -251,6 +354,7 @@ async def expire_tenant(ctx: SyncContext, job: Job[ExpireTenant]) -> None:
         tenant_id,
         tenant["grace_period"],
     )
+    tripped: list[int] = []
     for row in rows:
         reason = guard_verdict(
             ctx,
@@ -260,13 +364,27 @@ async def expire_tenant(ctx: SyncContext, job: Job[ExpireTenant]) -> None:
             overridden=bool(row["overridden"]),
         )
         if reason:
-            await trip_guard(ctx, row["router_id"], f"expiry sweep {reason}", correlation, "sweep")
+            # The sweep only disconnects: all of it on this router waits for an operator.
+            held = {
+                "reason": reason,
+                "would_disconnect": len(row["due"]),
+                "subscribers": row["total"],
+                "subscriber_ids": list(row["due"]),
+                "changes": [
+                    {"subscriber_id": sid, "commands": [{"action": "suspend (expired)"}]}
+                    for sid in row["due"][:HELD_SHOWN]
+                ],
+                "remove_unknown": [],
+            }
+            await trip_guard(ctx, row["router_id"], "sweep", held, correlation)
+            tripped.append(row["router_id"])
             continue
         async with ctx.db.acquire() as conn, conn.transaction():
             # Expiry is a UTC instant; the tenant's time zone plays no part here.
             suspended = await conn.fetch(
                 """
-                UPDATE subscribers SET is_suspended = true, kick_required = true,
+                UPDATE subscribers SET is_suspended = true, suspension_reason = 'expired',
+                    kick_required = true,
                     desired_version = desired_version + 1, sync_status = 'pending',
                     updated_at = now(), pending_correlations = pending_correlations || ARRAY[$3]
                 WHERE id = ANY($1::bigint[]) AND NOT is_suspended AND deleted_at IS NULL
@@ -295,6 +413,7 @@ async def expire_tenant(ctx: SyncContext, job: Job[ExpireTenant]) -> None:
                 router_id=row["router_id"],
                 count=len(suspended),
             )
+    await release_guard(ctx, "sweep", tenant_id=tenant_id, keep=tripped)
 
 
 async def router_facts(ctx: SyncContext, router: Any) -> None:

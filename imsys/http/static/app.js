@@ -196,9 +196,9 @@
   async function routers() {
     const data = await api("GET", "/api/routers");
     state.routers = new Map(data.routers.map((r) => [r.id, r.name]));
-    const rows = data.routers.map((r) => {
+    const rows = data.routers.flatMap((r) => {
       const online = r.online === true ? "online" : r.online === false ? "offline" : "unknown";
-      return el(
+      const row = el(
         "tr",
         { "data-router": r.id },
         el("td", {}, r.name, el("div", { class: "muted small code", text: `${r.host}:${r.port}` })),
@@ -208,8 +208,43 @@
         td(when(r.last_seen_at), null, r.last_seen_at ? absolute(r.last_seen_at) : null),
         el("td", {}, badge(r.circuit || "closed", r.circuit || "closed")),
       );
+      const guard = guardRow(r);
+      return guard ? [row, guard] : [row];
     });
     fill("routers", JSON.stringify([data.routers, Math.floor(Date.now() / 5000)]), rows);
+  }
+
+  // A tripped mass-disconnect guard: what it holds (per cause), and Confirm.
+  function guardRow(r) {
+    const held = Object.entries(r.guard_held || {});
+    if (!r.guard_tripped_at && held.length === 0) return null;
+    const parts = held.map(([cause, h]) => {
+      const changes = (h.changes || []).map((c) =>
+        el("li", { class: "code small", text: `subscriber ${c.subscriber_id}: ${
+          (c.commands || []).map((x) => [x.action, x.menu, x.id].filter(Boolean).join(" ")).join("; ")}` }));
+      const unknown = (h.remove_unknown || []).map((u) =>
+        el("li", { class: "code small", text: `remove ${u.menu} ${u.name || u.id}` }));
+      const more = (h.subscriber_ids || []).length - (h.changes || []).length;
+      if (more > 0) changes.push(el("li", { class: "muted small", text: `… and ${more} more` }));
+      return el(
+        "div",
+        { class: "guard-part", "data-guard-cause": cause },
+        el("strong", { text: `guard: ${h.would_disconnect} of ${h.subscribers} would be cut off` }),
+        el("span", { class: "muted small", text: ` (${cause}) ${h.reason || ""}` }),
+        el("ul", { class: "guard-plan" }, ...changes, ...unknown),
+      );
+    });
+    if (parts.length === 0) parts.push(el("strong", { text: `guard: ${r.guard_reason || "tripped"}` }));
+    return el(
+      "tr",
+      { class: "guard-row", "data-guard": r.id },
+      el(
+        "td",
+        { colSpan: 6 },
+        ...parts,
+        el("button", { type: "button", class: "danger", text: "Confirm", "data-confirm-guard": r.id }),
+      ),
+    );
   }
 
   async function subscribers() {
@@ -230,7 +265,7 @@
         "tr",
         { "data-subscriber": s.id, "data-sync": s.sync_status },
         td(s.id, "num"),
-        td(s.username + (s.is_suspended ? " (suspended)" : "")),
+        td(s.username + (s.is_suspended ? ` (suspended${s.suspension_reason ? `: ${s.suspension_reason}` : ""})` : "")),
         td(state.routers.get(s.router_id) || `#${s.router_id}`),
         td(s.service),
         el("td", {}, badge(s.sync_status, s.sync_status)),
@@ -416,6 +451,10 @@
     } else if (d.retry) {
       act(button, () => api("POST", `/api/subscribers/${encodeURIComponent(d.retry)}/sync`),
         `Sync of subscriber ${d.retry} queued`);
+    } else if (d.confirmGuard) {
+      if (!window.confirm(`Let router ${d.confirmGuard}'s held disconnections go ahead?`)) return;
+      act(button, () => api("POST", `/api/routers/${encodeURIComponent(d.confirmGuard)}/guard/confirm`),
+        `Guard of router ${d.confirmGuard} confirmed: its held plan is applied`);
     } else if (d.outage !== undefined) {
       const down = d.down === "true";
       act(button, () => api("POST", `/api/demo/routers/${encodeURIComponent(d.outage)}/outage`, { down }),

@@ -366,3 +366,9 @@ ALTER TABLE routers ADD COLUMN IF NOT EXISTS guard_held jsonb NOT NULL DEFAULT '
 -- (the API; only an admin lifts it). NULL when not suspended.
 ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS suspension_reason text
     CHECK (suspension_reason IN ('expired', 'admin'));
+
+-- SHA-256 (salted by the subscriber) of the password imsys last wrote to the subscriber's
+-- router entry, never the password itself: an API user without the `sensitive` policy is
+-- not shown passwords, so this decides whether the password must be written again.
+-- NULL: unknown (never written, or a write whose outcome was lost): write it.
+ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_password_hash text;

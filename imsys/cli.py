@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--api-key", default="sim-key")
     s.add_argument(
+        "--no-sensitive",
+        action="store_true",
+        help="routeros: an API user without the `sensitive` policy (prints omit passwords)",
+    )
+    s.add_argument(
         "--tls",
         action="store_true",
         help="routeros: serve API-SSL with a fresh self-signed certificate (prints its SHA-256)",
@@ -319,6 +324,7 @@ def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
             args.password,
             ssl_context=context,
             version=version,
+            sensitive=not args.no_sensitive,
         )
     elif args.which == "bouncer":
         from imsys.sim import bouncer

@@ -131,13 +131,16 @@ async def make_stack(
     prefix: str,
     routers: int = 1,
     *,
+    sensitive: bool = True,
     version: str = DEFAULT_VERSION,
 ) -> tuple[Stack, aiohttp.ClientSession, SyncContext]:
     settings = sync_settings(settings)
     await db.execute("DELETE FROM outbox")
     sims = []
     for _ in range(routers):
-        sim = RouterOSSimulator(username="admin", password=ROUTER_PASSWORD, version=version)
+        sim = RouterOSSimulator(
+            username="admin", password=ROUTER_PASSWORD, sensitive=sensitive, version=version
+        )
         for profile in ("basic", "premium"):
             sim.add_item("/ppp/profile", name=profile)
             sim.add_item("/ip/hotspot/user/profile", name=profile)
@@ -202,11 +205,27 @@ ROS_VERSIONS = pytest.mark.parametrize(
 
 @pytest.fixture
 async def stack(
-    settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str, ros_version: str
+    request: pytest.FixtureRequest,
+    settings: Settings,
+    redis: Redis,
+    db: asyncpg.Pool,
+    prefix: str,
+    ros_version: str,
 ) -> AsyncIterator[Stack]:
-    s, http, pool = await make_stack(settings, redis, db, prefix, version=ros_version)
+    """One router. Parametrized indirectly (``SENSITIVITY``), False is a simulator whose API
+    user lacks the `sensitive` policy (passwords not printed)."""
+    sensitive = bool(getattr(request, "param", True))
+    s, http, pool = await make_stack(
+        settings, redis, db, prefix, sensitive=sensitive, version=ros_version
+    )
     yield s
     await _teardown(s, http, pool)
+
+
+# `pytestmark = SENSITIVITY` runs a module's `stack` tests with and without `sensitive`.
+SENSITIVITY = pytest.mark.parametrize(
+    "stack", [True, False], ids=["sensitive", "no-sensitive"], indirect=True
+)
 
 
 @pytest.fixture

@@ -438,14 +438,14 @@ async def test_non_ascii_credentials_are_refused_before_connecting(
 
 
 async def test_kick_ppp_ends_only_that_session(sim: RouterOSSimulator, pool: RouterPool) -> None:
-    """kick_ppp removes the subscriber's /ppp/active entries and counts them."""
+    """kick_ppp removes the subscriber's /ppp/active entries and returns their `.id`s."""
     sim.add_item("/ppp/secret", name="alice")
     sim.add_item("/ppp/secret", name="bob")
-    sim.connect_session("alice")
+    session = sim.connect_session("alice")
     sim.connect_session("bob")
     async with pool.session(target_for(sim)) as ros:
         assert [row["name"] for row in await ros.active_ppp("alice")] == ["alice"]
-        assert await ros.kick_ppp("alice") == 1
+        assert await ros.kick_ppp("alice") == [session]
         assert await ros.active_ppp("alice") == []
         assert [row["name"] for row in await ros.active_ppp()] == ["bob"]
 
@@ -454,19 +454,19 @@ async def test_kick_without_a_session_is_zero(sim: RouterOSSimulator, pool: Rout
     """Kicking a subscriber who is not online removes nothing and raises nothing."""
     sim.add_item("/ip/hotspot/user", name="guest")
     async with pool.session(target_for(sim)) as ros:
-        assert await ros.kick_ppp("nobody") == 0
-        assert await ros.kick_hotspot("guest") == 0
+        assert await ros.kick_ppp("nobody") == []
+        assert await ros.kick_hotspot("guest") == []
         with pytest.raises(RouterInputError):
             await ros.kick_ppp("")
 
 
 async def test_kick_hotspot_ends_the_session(sim: RouterOSSimulator, pool: RouterPool) -> None:
-    """kick_hotspot removes /ip/hotspot/active entries found by user."""
+    """kick_hotspot removes /ip/hotspot/active entries found by user, returning their ids."""
     sim.add_item("/ip/hotspot/user", name="guest")
-    sim.login_hotspot("guest")
+    session = sim.login_hotspot("guest")
     async with pool.session(target_for(sim)) as ros:
         assert [row["user"] for row in await ros.active_hotspot("guest")] == ["guest"]
-        assert await ros.kick_hotspot("guest") == 1
+        assert await ros.kick_hotspot("guest") == [session]
         assert await ros.active_hotspot() == []
     assert sim.items("/ip/hotspot/active") == []
 

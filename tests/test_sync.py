@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.sync_support import ROS_VERSIONS, Stack
+from tests.sync_support import ROS_VERSIONS, SENSITIVITY, Stack
 
-# Every test against RouterOS 6.49 and 7.18+ (which answers an empty print with `!empty`).
-pytestmark = ROS_VERSIONS
+# Every test with and without the `sensitive` policy (passwords not printed, so imsys
+# decides by the digest of the password it last wrote), each against RouterOS 6.49 and
+# 7.18+ (which answers an empty print with `!empty`).
+pytestmark = [SENSITIVITY, ROS_VERSIONS]
 
 SECRET = "/ppp/secret"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imsys.routeros.menus import HOTSPOT_USER, PPP_SECRET
-from imsys.sync.desired import Desired, MenuChange, Plan, marker, plan
+from imsys.sync.desired import Desired, MenuChange, Plan, marker, password_digest, plan
 
 TAG = "imsys"
 
@@ -85,3 +85,54 @@ def test_suspension_sets_disabled_and_counts_as_disabling() -> None:
         {"action": "set", "menu": PPP_SECRET, "id": "*1", "fields": {"disabled": "yes"}}
     ]
     assert p.disables
+
+
+# -- passwords an API user without the `sensitive` policy cannot see ----------------------
+
+HIDDEN = {
+    ".id": "*1",
+    "name": "alice",
+    "profile": "basic",
+    "disabled": "false",
+    "comment": marker(TAG, 7),
+}
+
+
+def test_hidden_password_last_written_is_not_written_again() -> None:
+    """No printed password and the digest of the desired one on record: nothing to do."""
+    p = plan(desired(written_password=password_digest(7, "pw")), {PPP_SECRET: [HIDDEN]}, TAG)
+    assert p.empty
+    assert not p.writes_password
+    assert p.password_digest is None
+
+
+def test_hidden_password_changed_or_unknown_is_written_and_recorded() -> None:
+    """A missing field is not a difference; a changed (or unrecorded) password is."""
+    for written in (password_digest(7, "old"), None):
+        p = plan(desired(written_password=written), {PPP_SECRET: [HIDDEN]}, TAG)
+        assert p.describe() == [
+            {"action": "set", "menu": PPP_SECRET, "id": "*1", "fields": {"password": "***"}}
+        ]
+        assert p.writes_password
+        assert p.password_digest == password_digest(7, "pw")
+
+
+def test_printed_password_is_compared_and_refreshes_the_record() -> None:
+    """A printed password decides as before; an equal one refreshes a stale digest."""
+    shown = {**HIDDEN, "password": "pw"}
+    p = plan(desired(written_password=password_digest(7, "old")), {PPP_SECRET: [shown]}, TAG)
+    assert p.empty
+    assert p.password_digest == password_digest(7, "pw")
+    hand = {**HIDDEN, "password": "changed-by-hand"}
+    p = plan(desired(written_password=password_digest(7, "pw")), {PPP_SECRET: [hand]}, TAG)
+    assert p.writes_password
+
+
+def test_new_entry_records_the_password_and_digest_is_salted() -> None:
+    """An add sends the password and records its digest; the digest hides the password
+    and differs between subscribers with the same password."""
+    p = plan(desired(), {PPP_SECRET: []}, TAG)
+    assert p.writes_password
+    assert p.password_digest == password_digest(7, "pw")
+    assert "pw" not in password_digest(7, "pw")
+    assert password_digest(7, "pw") != password_digest(8, "pw")

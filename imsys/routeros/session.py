@@ -116,32 +116,33 @@ class RouterSession:
         """Live hotspot sessions, all or those of `user`."""
         return await self.print(HOTSPOT_ACTIVE, where=None if user is None else {"user": user})
 
-    async def kick_ppp(self, name: str) -> int:
-        """End `name`'s PPP sessions; returns how many this call removed."""
+    async def kick_ppp(self, name: str) -> list[str]:
+        """End `name`'s PPP sessions; returns the `.id`s of the sessions this call removed."""
         return await self._kick(PPP_ACTIVE, "name", name)
 
-    async def kick_hotspot(self, user: str) -> int:
-        """End `user`'s hotspot sessions; returns how many this call removed."""
+    async def kick_hotspot(self, user: str) -> list[str]:
+        """End `user`'s hotspot sessions; returns the `.id`s of the sessions this call
+        removed."""
         return await self._kick(HOTSPOT_ACTIVE, "user", user)
 
-    async def _kick(self, menu: str, key: str, who: str) -> int:
+    async def _kick(self, menu: str, key: str, who: str) -> list[str]:
         if not check_ascii(who, key):
             raise RouterInputError(f"{menu}: the {key} whose sessions to end is empty")
         found = await self.print(menu, where={key: who}, proplist=[".id"])
-        removed = 0
+        removed: list[str] = []
         # One by one: a list with one id that already left would fail as a whole.
         for row in found:
             try:
                 await self.remove(menu, row[".id"])
             except NoSuchItem:
                 continue  # the subscriber left between the print and the remove
-            removed += 1
+            removed.append(row[".id"])
         log.info(
             "router_sessions_kicked",
             router_id=self.target.router_id,
             command=f"{menu}/remove",
             found=len(found),
-            removed=removed,
+            removed=len(removed),
         )
         return removed
 

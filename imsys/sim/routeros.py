@@ -56,6 +56,7 @@ class RouterOSSimulator(ApiResponder):
         version: str = DEFAULT_VERSION,
         empty_reply: bool | None = None,
         reboot_downtime: float = 0.0,
+        sensitive: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(RouterState(clock=clock), username, password)
@@ -66,6 +67,8 @@ class RouterOSSimulator(ApiResponder):
         self.state.set_resource({"version": f"{version} (stable)"})
         # How long `/system/reboot` keeps the router away (refusing connections).
         self.reboot_downtime = reboot_downtime
+        # False: the API user lacks the `sensitive` policy, so prints omit `password`.
+        self.sensitive = sensitive
         self.connections = 0
         self._redial = False
         self._ssl = ssl_context
@@ -327,7 +330,8 @@ class RouterOSSimulator(ApiResponder):
 
     @property
     def redial(self) -> bool:
-        """When true, a kicked PPP subscriber whose secret is still enabled dials again."""
+        """When true, a kicked subscriber whose secret (PPP) or user (hotspot) is still
+        enabled comes back at once with a new session."""
         return self._redial
 
     @redial.setter
@@ -380,10 +384,15 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     profiles: Sequence[str] = (),
     version: str = DEFAULT_VERSION,
+    sensitive: bool = True,
 ) -> None:
     """Run a simulator until cancelled (the `sim routeros` command)."""
     sim = RouterOSSimulator(
-        username=username, password=password, ssl_context=ssl_context, version=version
+        username=username,
+        password=password,
+        ssl_context=ssl_context,
+        version=version,
+        sensitive=sensitive,
     )
     for profile in profiles:
         sim.add_item("/ppp/profile", name=profile)
@@ -426,6 +435,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_VERSION,
         help="RouterOS version to model (7.18 and later answer an empty print with !empty)",
     )
+    parser.add_argument(
+        "--no-sensitive",
+        action="store_true",
+        help="model an API user without the `sensitive` policy: prints omit passwords",
+    )
     options = parser.parse_args(argv)
     context: ssl.SSLContext | None = None
     if options.tls_cert:
@@ -442,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ssl_context=context,
                 profiles=options.profile,
                 version=options.version,
+                sensitive=not options.no_sensitive,
             )
         )
     return 0

@@ -75,6 +75,9 @@ class ApiResponder(abc.ABC):
         self.password = password
         # RouterOS 7.18+ answers an empty print with `!empty` before `!done`.
         self.empty_reply = False
+        # The API user's group has the `sensitive` policy; without it a router leaves
+        # `password` out of every print.
+        self.sensitive = True
         # Applied writes (add/set/remove/enable/disable/unset) per menu path.
         self.writes: Counter[str] = Counter()
         self.commands: list[CommandRecord] = []
@@ -146,7 +149,10 @@ class ApiResponder(abc.ABC):
             if rule is not None:
                 close_connection(conn, reset=rule.reset)
                 return None
-        replies = [["!re", *(f"={k}={v}" for k, v in row.items())] for row in outcome.rows]
+        rows = outcome.rows
+        if not self.sensitive:
+            rows = [{k: v for k, v in row.items() if k != "password"} for row in rows]
+        replies = [["!re", *(f"={k}={v}" for k, v in row.items())] for row in rows]
         if not replies and verb in _PRINT_VERBS and outcome.ret is None and self.empty_reply:
             replies.append(["!empty"])
         done = ["!done"] if outcome.ret is None else ["!done", f"=ret={outcome.ret}"]

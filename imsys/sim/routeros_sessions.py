@@ -93,16 +93,23 @@ def login_hotspot(
 
 
 def redial(state: RouterState, path: str, kicked: list[dict[str, str]]) -> None:
-    """Kicked PPP subscribers' CPEs dial again at once, as real ones do; they get back
-    in only if their secret still exists and is enabled. Hotspot users do not return."""
-    if path != PPP_ACTIVE.path:
-        return
+    """Kicked subscribers' devices come back at once, as real ones do: a PPPoE CPE dials
+    again, a hotspot client logs in again by its cookie or MAC. Each gets back in only if
+    its secret or user still exists and is enabled, with a new session (a new `.id`)."""
     for row in kicked:
-        if _enabled(state, PPP_SECRET, row["name"]) is not None:
+        if path == PPP_ACTIVE.path and _enabled(state, PPP_SECRET, row["name"]) is not None:
             connect_session(
                 state,
                 row["name"],
                 address=row["address"],
                 caller_id=row["caller-id"],
                 service=row["service"],
+            )
+        elif path == HOTSPOT_ACTIVE.path and _enabled(state, HOTSPOT_USER, row["user"]) is not None:
+            login_hotspot(
+                state,
+                row["user"],
+                address=row["address"],
+                mac_address=row["mac-address"],
+                server=row["server"],
             )

@@ -5,6 +5,7 @@ Pure functions: no I/O. Values are compared as the strings the router prints.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,8 @@ class Desired:
     profile: str
     disabled: bool  # suspended or deleted
     present: bool  # False once the subscriber is deleted
+    # `password_digest` of the password last written to the router entry; None: unknown.
+    written_password: str | None = None
 
     def menu(self) -> str:
         return LOGIN_BY_SERVICE[self.service]
@@ -88,6 +91,9 @@ class Plan:
 
     subscriber_id: int
     changes: list[MenuChange] = field(default_factory=list)
+    # To record as the subscriber's `written_password` once the plan is applied (the
+    # entry then holds the desired password); None: the record stays as it is.
+    password_digest: str | None = None
 
     def change(self, menu: str) -> MenuChange:
         """The change to ``menu``, added (empty) when the plan has none yet."""
@@ -101,6 +107,13 @@ class Plan:
     @property
     def empty(self) -> bool:
         return all(c.empty for c in self.changes)
+
+    @property
+    def writes_password(self) -> bool:
+        """Whether a command of the plan sends the password."""
+        return any(
+            "password" in c.set or (c.add is not None and "password" in c.add) for c in self.changes
+        )
 
     @property
     def disables(self) -> bool:
@@ -127,6 +140,12 @@ class Plan:
         return out
 
 
+def password_digest(subscriber_id: int, password: str) -> str:
+    """What imsys keeps of a password it wrote to a router entry: enough to tell whether
+    the desired one changed, salted by the subscriber so equal passwords differ."""
+    return hashlib.sha256(f"imsys-router-password:{subscriber_id}:{password}".encode()).hexdigest()
+
+
 def public_fields(fields: dict[str, str]) -> dict[str, str]:
     """``fields`` fit for the audit log and the dry run: the password masked."""
     return {k: ("***" if k == "password" else v) for k, v in fields.items()}
@@ -146,14 +165,25 @@ def plan(desired: Desired, managed: dict[str, list[dict[str, str]]], tag: str) -
     if not desired.present:
         return p
     login = p.change(desired.menu())
+    digest = password_digest(desired.subscriber_id, desired.password)
     if not current:
         login.add = want
+        p.password_digest = digest
         return p
     entry = current[0]
     login.set_id = entry[".id"]
-    for key in ("name", "password", "profile"):
+    for key in ("name", "profile"):
         if str(entry.get(key, "")) != want[key]:
             login.set[key] = want[key]
+    # An API user without the `sensitive` policy is not shown passwords: then the digest
+    # of the one last written decides; a missing field never means "differs".
+    if "password" in entry:
+        if entry["password"] != want["password"]:
+            login.set["password"] = want["password"]
+    elif desired.written_password != digest:
+        login.set["password"] = want["password"]
+    if desired.written_password != digest and ("password" in login.set or "password" in entry):
+        p.password_digest = digest
     if is_true(entry.get("disabled", "false")) != desired.disabled:
         login.set["disabled"] = want["disabled"]
     return p

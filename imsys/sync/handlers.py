@@ -187,22 +187,51 @@ async def apply_plan(ros: RouterSession, p: Plan, audit: Auditor) -> None:
             )
 
 
+async def _apply_recording_password(
+    ctx: SyncContext,
+    job: Job[SyncSubscriber],
+    sub: repo.SubscriberRow,
+    ros: RouterSession,
+    steps: Plan,
+    audit: Auditor,
+) -> None:
+    """``apply_plan``, keeping the digest of the password the entry holds up to date.
+
+    Cleared before a write that sends the password (its reply may be lost, and then the
+    router may hold either), recorded once the plan is applied.
+    """
+    if steps.writes_password and sub.desired.written_password is not None:
+        await repo.set_written_password(ctx.db, sub.id, None, fence=job.ensure_current)
+    await apply_plan(ros, steps, audit)
+    if steps.password_digest is not None:
+        await repo.set_written_password(
+            ctx.db, sub.id, steps.password_digest, fence=job.ensure_current
+        )
+
+
 async def end_sessions(ros: RouterSession, username: str, audit: Auditor) -> None:
-    """Kick the subscriber's live sessions, then check that they really ended."""
+    """Kick the subscriber's live sessions, then check that those sessions really ended.
+
+    Checked by session `.id`, not by name: a CPE redials within seconds of a kick, and
+    its fresh session (a new `.id`) already has the new state, so it is success.
+    """
     kicked = await audit.run(
         f"remove {PPP_ACTIVE}", {"name": username}, partial(ros.kick_ppp, username)
     )
     kicked += await audit.run(
         f"remove {HOTSPOT_ACTIVE}", {"user": username}, partial(ros.kick_hotspot, username)
     )
-    survivors = len(await ros.active_ppp(username)) + len(await ros.active_hotspot(username))
+    if not kicked:
+        return
+    gone = set(kicked)
+    active = [*await ros.active_ppp(username), *await ros.active_hotspot(username)]
+    survivors = [row[".id"] for row in active if row.get(".id") in gone]
     if survivors:
         raise SessionSurvived(
-            f"{survivors} session(s) of {username!r} still active after the kick; "
+            f"{len(survivors)} session(s) of {username!r} still active after the kick; "
             "the change has not taken effect"
         )
-    if kicked:
-        log.info("sessions_ended", username=username, count=kicked)
+    log.info("sessions_ended", username=username, count=len(kicked), redialled=len(active))
 
 
 async def sync_subscriber(ctx: SyncContext, job: Job[SyncSubscriber]) -> None:
@@ -235,7 +264,7 @@ async def sync_subscriber(ctx: SyncContext, job: Job[SyncSubscriber]) -> None:
                 await ensure_profile(ctx.db, ros, sub.id, sub.desired.service, tag, audit)
             if any(c.add is not None for c in steps.changes):
                 await _refuse_unmanaged_twin(ros, steps)
-            await apply_plan(ros, steps, audit)
+            await _apply_recording_password(ctx, job, sub, ros, steps, audit)
             if sub.kick_required or sub.desired.disabled:
                 await end_sessions(ros, sub.desired.username, audit)
                 kicked = True

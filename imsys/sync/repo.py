@@ -23,6 +23,7 @@ Fence = Callable[[], Awaitable[None]]
 SUBSCRIBER_FOR_SYNC = """
 SELECT s.id, s.tenant_id, s.router_id, s.username, s.password, s.service, s.is_suspended,
        s.deleted_at IS NOT NULL AS deleted, s.desired_version, s.kick_required, p.profile,
+       s.router_password_hash,
        s.sync_status, s.pending_correlations
 FROM subscribers s JOIN packages p ON p.id = s.package_id
 WHERE s.id = $1
@@ -61,6 +62,7 @@ def subscriber_from(row: asyncpg.Record) -> SubscriberRow:
             profile=row["profile"],
             disabled=row["is_suspended"] or row["deleted"],
             present=not row["deleted"],
+            written_password=row["router_password_hash"],
         ),
         version=row["desired_version"],
         kick_required=row["kick_required"],
@@ -131,6 +133,18 @@ async def mark_error(pool: asyncpg.Pool, sub: SubscriberRow, message: str, *, fe
             sub.version,
             message[:1000],
         )
+
+
+async def set_written_password(
+    conn: Executor, subscriber_id: int, digest: str | None, *, fence: Fence
+) -> None:
+    """Record the digest of the password the router entry now holds (``password_digest``);
+    None before a write that sends one, whose outcome may be lost (then it is sent again).
+    Fenced: a run whose claim another process took records nothing."""
+    await fence()
+    await conn.execute(
+        "UPDATE subscribers SET router_password_hash = $2 WHERE id = $1", subscriber_id, digest
+    )
 
 
 async def _lock_subscriber(conn: Conn, sub: SubscriberRow) -> bool:

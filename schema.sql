@@ -358,6 +358,12 @@ ALTER TABLE routers ADD COLUMN IF NOT EXISTS tls_fingerprint text
     CHECK (tls_fingerprint ~ '^[0-9a-f]{64}$');
 ALTER TABLE routers ADD COLUMN IF NOT EXISTS tls_ca text;
 ALTER TABLE routers ADD COLUMN IF NOT EXISTS tls_verify boolean NOT NULL DEFAULT true;
+-- A deleted package stays (subscribers deleted earlier and invoices still name it) but
+-- is gone from the API; its name may be used again by a new package of the tenant.
+ALTER TABLE packages ADD COLUMN IF NOT EXISTS deleted_at timestamptz;
+ALTER TABLE packages DROP CONSTRAINT IF EXISTS packages_tenant_id_name_key;
+CREATE UNIQUE INDEX IF NOT EXISTS packages_live_name ON packages (tenant_id, name)
+    WHERE deleted_at IS NULL;
 
 -- The mass-disconnect guard holds only disconnections; what it holds, per cause
 -- ("reconciliation", "sweep"), waits here for an operator to see and confirm.

@@ -17,7 +17,7 @@ from imsys.http.common import (
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
 from imsys.network import models, service
-from imsys.sync.service import subscriber_changed
+from imsys.sync.service import package_changed, subscriber_changed
 
 
 @creating
@@ -57,7 +57,33 @@ async def post_router(request: web.Request) -> web.Response:
 @creating
 async def post_package(request: web.Request) -> web.Response:
     data = await parse(request, models.PackageIn)
-    return json_response(await service.create_package(request.app[DEPS].db, data), status=201)
+    row = await service.create_package(
+        request.app[DEPS].db, data, correlation_id(request), on_package=package_changed
+    )
+    return json_response(row, status=201)
+
+
+async def patch_package(request: web.Request) -> web.Response:
+    patch = await parse(request, models.PackagePatch)
+    row = await service.update_package(
+        request.app[DEPS].db,
+        int_param(request),
+        patch,
+        correlation_id(request),
+        on_package=package_changed,
+        on_change=subscriber_changed,
+    )
+    return json_response(row)
+
+
+async def delete_package(request: web.Request) -> web.Response:
+    row = await service.delete_package(
+        request.app[DEPS].db,
+        int_param(request),
+        correlation_id(request),
+        on_package=package_changed,
+    )
+    return json_response(row)
 
 
 async def get_packages(request: web.Request) -> web.Response:
@@ -132,6 +158,8 @@ def add_routes(app: web.Application, deps: Deps) -> None:
     r.add_delete(r"/api/routers/{id:\d+}", delete_router)
     r.add_post("/api/packages", post_package)
     r.add_get("/api/packages", get_packages)
+    r.add_patch(r"/api/packages/{id:\d+}", patch_package)
+    r.add_delete(r"/api/packages/{id:\d+}", delete_package)
     r.add_post("/api/subscribers", post_subscriber)
     r.add_get("/api/subscribers", get_subscribers)
     r.add_get(r"/api/subscribers/{id:\d+}", get_subscriber)

@@ -3,6 +3,7 @@ before anything reaches PostgreSQL or a router."""
 
 from __future__ import annotations
 
+import re
 import ssl
 from datetime import datetime
 from decimal import Decimal
@@ -112,6 +113,28 @@ class RouterPatch(Strict):
     _ca = field_validator("tls_ca")(_tls_ca)
 
 
+_RATE = r"\d+[kMG]?"
+_PAIR = rf"{_RATE}/{_RATE}"
+_TIME = r"\d+[smhdw]?"
+# rx/tx [rx-burst/tx-burst [rx-threshold/tx-threshold [rx-time/tx-time [priority
+# [rx-min/tx-min]]]]] (../shared/NOTES.md, RouterOS section).
+RATE_LIMIT = re.compile(
+    rf"{_PAIR}(?: {_PAIR}(?: {_PAIR}(?: {_TIME}/{_TIME}(?: [1-8](?: {_PAIR})?)?)?)?)?"
+)
+RATE_LIMIT_FORMAT = (
+    "rx/tx [rx-burst/tx-burst [rx-threshold/tx-threshold [rx-time/tx-time [priority "
+    "[rx-min/tx-min]]]]], rates with an optional k/M/G suffix, times in seconds, "
+    "priority 1-8, e.g. 10M/10M or 10M/10M 20M/20M 8M/8M 10/10 8"
+)
+
+
+def check_rate_limit(value: str | None) -> str | None:
+    """``value`` when it is a RouterOS rate-limit (None: the package sets no rate)."""
+    if value is not None and not RATE_LIMIT.fullmatch(value):
+        raise ValueError(f"rate_limit {value!r} is not in RouterOS's format: {RATE_LIMIT_FORMAT}")
+    return value
+
+
 class PackageIn(Strict):
     tenant_id: int
     name: str = Field(min_length=1, max_length=100)
@@ -119,6 +142,28 @@ class PackageIn(Strict):
     rate_limit: str | None = Field(default=None, max_length=100)
     price: Decimal = Field(ge=0, max_digits=12, decimal_places=2)
     period_days: int = Field(ge=1, le=366)
+
+    _rate = field_validator("rate_limit")(check_rate_limit)
+
+    @model_validator(mode="after")
+    def _builtin(self) -> PackageIn:
+        if self.profile == "default" and self.rate_limit is not None:
+            raise ValueError(
+                "profile 'default' is built into every router and imsys never changes it: "
+                "give the package a profile of its own to set a rate_limit"
+            )
+        return self
+
+
+class PackagePatch(Strict):
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    rate_limit: str | None = Field(default=None, max_length=100)
+    price: Decimal | None = Field(default=None, ge=0, max_digits=12, decimal_places=2)
+    period_days: int | None = Field(default=None, ge=1, le=366)
+    # End the package's live sessions so the new rate applies now, not at the next login.
+    apply_now: bool = False
+
+    _rate = field_validator("rate_limit")(check_rate_limit)
 
 
 class SubscriberIn(Strict):

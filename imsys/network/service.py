@@ -20,6 +20,7 @@ import orjson
 from imsys.network.errors import Conflict, Invalid, NotFound
 from imsys.network.models import (
     PackageIn,
+    PackagePatch,
     RouterIn,
     RouterPatch,
     SubscriberIn,
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 # Awaited inside the transaction that changed a subscriber: (conn, subscriber_id, correlation_id).
 OnChange = Callable[["Conn", int, str], Awaitable[None]]
+# Awaited inside the transaction that created, changed or deleted a package of a tenant:
+# (conn, tenant_id, correlation_id); the sync domain's `package_changed`.
+OnPackage = Callable[["Conn", int, str], Awaitable[None]]
 
 SUBSCRIBER_COLUMNS = """
     s.id, s.tenant_id, s.router_id, s.package_id, s.username, s.service, s.is_suspended,
@@ -261,34 +265,174 @@ async def delete_router(db: asyncpg.Pool, router_id: int) -> dict[str, Any]:
     return _router(row)
 
 
-async def create_package(db: asyncpg.Pool, data: PackageIn) -> dict[str, Any]:
-    await _require(db, "tenants", data.tenant_id)
-    try:
-        row = await db.fetchrow(
-            """
-            INSERT INTO packages (tenant_id, name, profile, rate_limit, price, period_days)
-            VALUES ($1, $2, $3, $4, $5, $6) RETURNING *
-            """,
-            data.tenant_id,
-            data.name,
-            data.profile,
-            data.rate_limit,
-            data.price,
-            data.period_days,
-        )
-    except asyncpg.UniqueViolationError:
+async def _profile_rate_free(
+    conn: Executor, tenant_id: int, profile: str, rate_limit: str | None, package_id: int | None
+) -> None:
+    """A profile carries one rate: refuse a second live package of the tenant that gives
+    the same profile another rate (a package without a rate takes the profile's)."""
+    if rate_limit is None:
+        return
+    other = await conn.fetchrow(
+        """
+        SELECT id, rate_limit FROM packages
+        WHERE tenant_id = $1 AND profile = $2 AND deleted_at IS NULL
+          AND id IS DISTINCT FROM $3 AND rate_limit IS NOT NULL AND rate_limit <> $4
+        LIMIT 1
+        """,
+        tenant_id,
+        profile,
+        package_id,
+        rate_limit,
+    )
+    if other is not None:
         raise Conflict(
-            f"tenant {data.tenant_id} already has a package named {data.name!r}"
-        ) from None
-    assert row is not None
-    return dict(row)
+            f"package {other['id']} uses profile {profile!r} with rate_limit "
+            f"{other['rate_limit']!r}: one router profile has one rate"
+        )
+
+
+async def create_package(
+    db: asyncpg.Pool,
+    data: PackageIn,
+    correlation_id: str = "package",
+    *,
+    on_package: OnPackage | None = None,
+) -> dict[str, Any]:
+    """Create a package; ``on_package`` (the sync domain's ``package_changed``) puts its
+    profile on the tenant's routers, in the same transaction. Without it the profile still
+    arrives with the first subscriber's sync and at the next reconciliation."""
+    async with db.acquire() as conn, conn.transaction():
+        await _require(conn, "tenants", data.tenant_id)
+        await _profile_rate_free(conn, data.tenant_id, data.profile, data.rate_limit, None)
+        try:
+            row = await conn.fetchrow(
+                """
+                INSERT INTO packages (tenant_id, name, profile, rate_limit, price, period_days)
+                VALUES ($1, $2, $3, $4, $5, $6) RETURNING *
+                """,
+                data.tenant_id,
+                data.name,
+                data.profile,
+                data.rate_limit,
+                data.price,
+                data.period_days,
+            )
+        except asyncpg.UniqueViolationError:
+            raise Conflict(
+                f"tenant {data.tenant_id} already has a package named {data.name!r}"
+            ) from None
+        assert row is not None
+        if on_package is not None:
+            await on_package(conn, data.tenant_id, correlation_id)
+        return dict(row)
 
 
 async def list_packages(db: asyncpg.Pool, tenant_id: int | None = None) -> list[dict[str, Any]]:
     rows = await db.fetch(
-        "SELECT * FROM packages WHERE $1::bigint IS NULL OR tenant_id = $1 ORDER BY id", tenant_id
+        "SELECT * FROM packages WHERE ($1::bigint IS NULL OR tenant_id = $1) "
+        "AND deleted_at IS NULL ORDER BY id",
+        tenant_id,
     )
     return [dict(r) for r in rows]
+
+
+async def _require_package(conn: Executor, package_id: int, tenant_id: int) -> None:
+    found = await conn.fetchval(
+        "SELECT 1 FROM packages WHERE id = $1 AND tenant_id = $2 AND deleted_at IS NULL",
+        package_id,
+        tenant_id,
+    )
+    if not found:
+        raise Invalid(f"package {package_id} of tenant {tenant_id} does not exist")
+
+
+async def _live_package(conn: Conn, package_id: int) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        "SELECT * FROM packages WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", package_id
+    )
+    if row is None:
+        raise NotFound(f"package {package_id}")
+    return row
+
+
+async def update_package(
+    db: asyncpg.Pool,
+    package_id: int,
+    patch: PackagePatch,
+    correlation_id: str,
+    *,
+    on_package: OnPackage,
+    on_change: OnChange,
+) -> dict[str, Any]:
+    """Change a package. Its profile on every router of the tenant follows
+    (``on_package``); with ``apply_now`` each live subscriber of the package is synced with
+    a kick (``on_change``), so its session ends and the next login gets the new rate."""
+    changes = patch.model_dump(exclude_unset=True, exclude={"apply_now"})
+    nulls = [k for k in ("name", "price", "period_days") if k in changes and changes[k] is None]
+    if nulls:
+        raise Invalid(f"{', '.join(nulls)}: cannot be null (only rate_limit can)")
+    if not changes and not patch.apply_now:
+        raise Invalid("nothing to change: give at least one field, or apply_now")
+    async with db.acquire() as conn, conn.transaction():
+        current = await _live_package(conn, package_id)
+        if "rate_limit" in changes:
+            await _profile_rate_free(
+                conn, current["tenant_id"], current["profile"], changes["rate_limit"], package_id
+            )
+        if changes:
+            sets = ", ".join(f"{col} = ${i}" for i, col in enumerate(changes, start=2))
+            try:
+                await conn.execute(
+                    f"UPDATE packages SET {sets} WHERE id = $1", package_id, *changes.values()
+                )
+            except asyncpg.UniqueViolationError:
+                taken = changes["name"]
+                raise Conflict(
+                    f"tenant {current['tenant_id']} already has a package named {taken!r}"
+                ) from None
+        if "rate_limit" in changes:
+            await on_package(conn, current["tenant_id"], correlation_id)
+        if patch.apply_now:
+            kicked = await conn.fetch(
+                """
+                UPDATE subscribers SET kick_required = true,
+                    desired_version = desired_version + 1, sync_status = 'pending',
+                    updated_at = now(), pending_correlations = pending_correlations || ARRAY[$2]
+                WHERE package_id = $1 AND deleted_at IS NULL
+                RETURNING id
+                """,
+                package_id,
+                correlation_id,
+            )
+            for r in kicked:
+                await on_change(conn, r["id"], correlation_id)
+        row = await conn.fetchrow("SELECT * FROM packages WHERE id = $1", package_id)
+        assert row is not None
+        return dict(row)
+
+
+async def delete_package(
+    db: asyncpg.Pool, package_id: int, correlation_id: str, *, on_package: OnPackage
+) -> dict[str, Any]:
+    """Delete a package no live subscriber uses; its profile leaves the tenant's routers
+    (``on_package``) unless another package or a login there still uses it."""
+    async with db.acquire() as conn, conn.transaction():
+        current = await _live_package(conn, package_id)
+        users = await conn.fetchval(
+            "SELECT count(*) FROM subscribers WHERE package_id = $1 AND deleted_at IS NULL",
+            package_id,
+        )
+        if users:
+            raise Conflict(
+                f"package {package_id} is used by {users} subscriber(s): move them to another "
+                "package or delete them first"
+            )
+        row = await conn.fetchrow(
+            "UPDATE packages SET deleted_at = now() WHERE id = $1 RETURNING *", package_id
+        )
+        assert row is not None
+        await on_package(conn, current["tenant_id"], correlation_id)
+        return dict(row)
 
 
 # --- subscribers ----------------------------------------------------------------------------
@@ -309,7 +453,7 @@ async def create_subscriber(
     async with db.acquire() as conn, conn.transaction():
         await _require(conn, "tenants", data.tenant_id)
         await _require(conn, "routers", data.router_id, data.tenant_id)
-        await _require(conn, "packages", data.package_id, data.tenant_id)
+        await _require_package(conn, data.package_id, data.tenant_id)
         try:
             sub_id = await conn.fetchval(
                 """
@@ -370,7 +514,7 @@ async def update_subscriber(
         if changes.get("router_id", current["router_id"]) != current["router_id"]:
             raise Invalid("moving a subscriber to another router: delete and create it instead")
         if "package_id" in changes:
-            await _require(conn, "packages", changes["package_id"], current["tenant_id"])
+            await _require_package(conn, changes["package_id"], current["tenant_id"])
         # A new package or a suspension only takes effect on a new session.
         kick = changes.get("package_id", current["package_id"]) != current["package_id"] or (
             changes.get("is_suspended") is True and not current["is_suspended"]

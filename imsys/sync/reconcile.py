@@ -45,6 +45,7 @@ from imsys.sync.jobs import (
     reconcile_job_id,
     sync_job_id,
 )
+from imsys.sync.profile_job import align_router_profiles
 
 log = structlog.get_logger("imsys.sync")
 
@@ -267,6 +268,8 @@ async def sync_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
     if router is None:
         raise PermanentError(f"router {job.payload.router_id} does not exist")
     correlation = job.payload.correlation_id or f"reconcile:{router['id']}:{job.id}"
+    # Profiles first: drifted rates re-set, missing ones added, unused orphans removed.
+    await align_router_profiles(ctx, router, job, correlation, "reconciliation")
     result = await build_plan(ctx, router)
     held: set[int] = set()
     orphans = result.orphans

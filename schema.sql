@@ -378,3 +378,7 @@ ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS suspension_reason text
 -- not shown passwords, so this decides whether the password must be written again.
 -- NULL: unknown (never written, or a write whose outcome was lost): write it.
 ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_password_hash text;
+-- A subscriber whose login name is taken on its router by an entry imsys does not manage
+-- is blocked at that desired version: no sync writes, reconciliation leaves it alone,
+-- until the subscriber changes (a new version) or the router is adopted (cleared).
+ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS blocked_version bigint;

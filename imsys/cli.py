@@ -92,6 +92,20 @@ def _parser() -> argparse.ArgumentParser:
         help="routeros: serve API-SSL with a fresh self-signed certificate (prints its SHA-256)",
     )
 
+    a = sub.add_parser("adopt", help="take over a router's untagged logins (dry run by default)")
+    a.add_argument("router_id", type=int)
+    a.add_argument("--apply", action="store_true", help="carry the plan out (tag in place)")
+    a.add_argument(
+        "--import-unknown", action="store_true", help="with --apply: unknown logins -> subscribers"
+    )
+    a.add_argument(
+        "--package",
+        action="append",
+        default=[],
+        metavar="PROFILE=PACKAGE_ID",
+        help="the package an imported login with that router profile gets (repeatable)",
+    )
+
     c = sub.add_parser("chaos", help="adversarial scenarios on private Redis/PostgreSQL servers")
     c.add_argument("--short", action="store_true", help="small counts, short outages (< 2 min)")
     c.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
@@ -341,6 +355,54 @@ def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adopt(settings: Settings, args: argparse.Namespace) -> int:
+    from imsys.app import build_deps
+    from imsys.db import connect_pool
+    from imsys.errors import Deferred
+    from imsys.network.errors import NotFound
+    from imsys.redisconn import make_redis
+    from imsys.routeros import RouterError
+    from imsys.sync.adopt import adopt
+
+    packages: dict[str, int] = {}
+    for item in args.package:
+        profile, _, package_id = item.rpartition("=")
+        if not profile or not package_id.isdigit():
+            print(f"imsys: --package wants PROFILE=PACKAGE_ID, not {item!r}", file=sys.stderr)
+            return 2
+        packages[profile] = int(package_id)
+
+    async def go() -> dict[str, Any]:
+        redis = make_redis(settings)
+        db = await connect_pool(settings.database.url.get_secret_value(), max_size=4)
+        deps = build_deps(settings, redis, db)
+        try:
+            result = await adopt(
+                deps,
+                args.router_id,
+                apply=args.apply,
+                import_unknown=args.import_unknown,
+                package_by_profile=packages,
+                correlation=f"cli:adopt:{args.router_id}:{int(time.time())}",
+            )
+            return result.as_dict()
+        finally:
+            await deps.closing.aclose()
+            await deps.http.close()
+            await db.close()
+            await redis.aclose()
+
+    try:
+        _print_json(_run(go()))
+    except NotFound as exc:
+        print(f"imsys: {exc} not found", file=sys.stderr)
+        return 1
+    except (Deferred, RouterError) as exc:
+        print(f"imsys: cannot adopt router {args.router_id}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_chaos(_settings: Settings, args: argparse.Namespace) -> int:
     from imsys.chaos.runner import main as chaos_main
 
@@ -363,4 +425,5 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "bench": cmd_bench,
     "sim": cmd_sim,
     "chaos": cmd_chaos,
+    "adopt": cmd_adopt,
 }

@@ -59,6 +59,7 @@ Source = Callable[[asyncpg.Pool, datetime], AsyncIterator[list[Item]]]
 UNSYNCED_SUBSCRIBERS: Final = """
 SELECT id FROM subscribers
 WHERE (sync_status <> 'synced' OR desired_version > synced_version)
+  AND blocked_version IS DISTINCT FROM desired_version  -- a state, not lost work
   AND updated_at <= $1 AND id > $2
 ORDER BY id LIMIT $3
 """

@@ -106,15 +106,15 @@ async def test_stale_run_after_another_claim_writes_nothing_and_no_false_error(
     if freeze_at == "before_the_twin_check":
         # Frozen after reading the router, before looking for a same-named entry: the
         # other run's entry then looks like a twin imsys does not manage (a false error).
-        original = handlers._refuse_unmanaged_twin
+        original = handlers._unmanaged_twin
         frozen = [other_process_takes_over]
 
-        async def frozen_then_check(ros: Any, steps: Any) -> None:
+        async def frozen_then_check(ros: Any, steps: Any) -> dict[str, str] | None:
             if frozen:  # the other process's own run passes straight through
                 await frozen.pop()()
-            await original(ros, steps)
+            return await original(ros, steps)
 
-        monkeypatch.setattr(handlers, "_refuse_unmanaged_twin", frozen_then_check)
+        monkeypatch.setattr(handlers, "_unmanaged_twin", frozen_then_check)
         fence = owner_fence(stack, "stale-a", before=_nothing)
     else:
         fence = owner_fence(stack, "stale-a", before=other_process_takes_over)

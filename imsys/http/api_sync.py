@@ -15,6 +15,7 @@ from imsys.http.json import ApiError, json_response
 from imsys.network import models, service
 from imsys.network.errors import NotFound
 from imsys.routeros import RouterError
+from imsys.sync.adopt import adopt
 from imsys.sync.context import circuit_open
 from imsys.sync.reconcile import dry_run
 from imsys.sync.repo import load_router
@@ -56,6 +57,33 @@ async def post_router_plan(request: web.Request) -> web.Response:
     return json_response(result.as_dict())
 
 
+class AdoptIn(models.Strict):
+    apply: bool = False
+    import_unknown: bool = False
+    # A router profile name -> the package its imported logins get.
+    package_by_profile: dict[str, int] = pydantic.Field(default_factory=dict)
+
+
+async def post_router_adopt(request: web.Request) -> web.Response:
+    body = AdoptIn()
+    if request.can_read_body:
+        body = await parse(request, AdoptIn)
+    try:
+        result = await adopt(
+            request.app[DEPS],
+            int_param(request),
+            apply=body.apply,
+            import_unknown=body.import_unknown,
+            package_by_profile=body.package_by_profile,
+            correlation=correlation_id(request),
+        )
+    except Deferred as exc:
+        raise ApiError(503, f"cannot reach the router now: {exc}") from None
+    except RouterError as exc:
+        raise ApiError(502, f"the router refused: {exc}") from None
+    return json_response(result.as_dict())
+
+
 class GuardConfirm(models.Strict):
     minutes: int = pydantic.Field(default=60, ge=1, le=24 * 60)
 
@@ -92,6 +120,7 @@ def add_routes(app: web.Application, deps: Deps) -> None:
     r.add_get("/api/routers", get_routers)
     r.add_get(r"/api/routers/{id:\d+}", get_router)
     r.add_post(r"/api/routers/{id:\d+}/plan", post_router_plan)
+    r.add_post(r"/api/routers/{id:\d+}/adopt", post_router_adopt)
     r.add_post(r"/api/routers/{id:\d+}/guard/confirm", post_guard_confirm)
     r.add_post(r"/api/routers/{id:\d+}/reboot", post_router_reboot)
     r.add_post(r"/api/subscribers/{id:\d+}/sync", post_subscriber_sync)

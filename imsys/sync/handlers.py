@@ -32,10 +32,6 @@ class SessionSurvived(RetryableError):
     """A kicked session is still there: the change has not taken effect."""
 
 
-class NotManaged(PermanentError):
-    """An entry with the subscriber's name exists on the router but is not imsys's."""
-
-
 def router_target(ctx: SyncContext, row: Any) -> RouterTarget:
     return RouterTarget(
         router_id=row["id"],
@@ -254,20 +250,22 @@ async def sync_subscriber(ctx: SyncContext, job: Job[SyncSubscriber]) -> None:
         subscriber_id=sub.id,
     )
     kicked = False
+    twin: dict[str, str] | None = None
     try:
         async with router_session(ctx, router, job) as ros:
             managed = await read_managed(ros, tag, sub.id)
             steps = plan(sub.desired, managed, tag)
-            if sub.desired.present and (sub.kick_required or names_profile(steps)):
+            if any(c.add is not None for c in steps.changes):
+                twin = await _unmanaged_twin(ros, steps)  # blocked: no write at all
+            if twin is None and sub.desired.present and (sub.kick_required or names_profile(steps)):
                 # A login that names its package's profile (new, or a new package), or a
                 # session about to restart, needs that profile there with its rate first.
                 await ensure_profile(ctx.db, ros, sub.id, sub.desired.service, tag, audit)
-            if any(c.add is not None for c in steps.changes):
-                await _refuse_unmanaged_twin(ros, steps)
-            await _apply_recording_password(ctx, job, sub, ros, steps, audit)
-            if sub.kick_required or sub.desired.disabled:
-                await end_sessions(ros, sub.desired.username, audit)
-                kicked = True
+            if twin is None:
+                await _apply_recording_password(ctx, job, sub, ros, steps, audit)
+                if sub.kick_required or sub.desired.disabled:
+                    await end_sessions(ros, sub.desired.username, audit)
+                    kicked = True
     except Deferred:
         raise
     except (PermanentError, RetryableError) as exc:
@@ -284,6 +282,9 @@ async def sync_subscriber(ctx: SyncContext, job: Job[SyncSubscriber]) -> None:
             },
         )
         raise
+    if twin is not None:
+        await _blocked(ctx, job, sub, twin)
+        return
     if not await repo.mark_synced(ctx.db, sub, kicked=kicked, fence=job.ensure_current):
         # The desired state changed while we worked: go again with the new one.
         raise Deferred(f"subscriber {sub.id} changed during its sync", delay=0.05)
@@ -301,16 +302,54 @@ async def sync_subscriber(ctx: SyncContext, job: Job[SyncSubscriber]) -> None:
     )
 
 
-async def _refuse_unmanaged_twin(ros: RouterSession, steps: Plan) -> None:
+async def _unmanaged_twin(ros: RouterSession, steps: Plan) -> dict[str, str] | None:
+    """The entry (menu, id, name) that holds the name an add needs, or None."""
     for c in steps.changes:
         if c.add is None:
             continue
         twins = await ros.print(c.menu, where={"name": c.add["name"]})
         if twins:
-            raise NotManaged(
-                f"{c.menu} already has an entry named {c.add['name']!r} that imsys does not "
-                "manage; remove it or tag it on the router before imsys can take over"
-            )
+            return {"menu": c.menu, "id": twins[0][".id"], "name": c.add["name"]}
+    return None
+
+
+def blocked_reason(router_id: int, twin: dict[str, str]) -> str:
+    return (
+        f"{twin['menu']} already has an entry named {twin['name']!r} that imsys does not "
+        f"manage; adopt router {router_id} (POST /api/routers/{router_id}/adopt) to take it "
+        "over, or remove the entry on the router"
+    )
+
+
+async def _blocked(
+    ctx: SyncContext, job: Job[SyncSubscriber], sub: repo.SubscriberRow, twin: dict[str, str]
+) -> None:
+    """An unmanaged twin blocks the subscriber: a state, not a failure to retry.
+
+    The job completes (no retry, no dead letter); the subscriber shows ``error`` with the
+    remedy, and reconciliation leaves it alone until it changes or its router is adopted.
+    The backend hears of it once per desired version.
+    """
+    reason = blocked_reason(sub.router_id, twin)
+    first = await repo.mark_blocked(ctx.db, sub, reason, fence=job.ensure_current)
+    if first is None:
+        raise Deferred(f"subscriber {sub.id} changed during its sync", delay=0.05)
+    if not first:
+        return
+    await ctx.events.publish(
+        "subscriber_sync_failed",
+        {
+            "subscriber_id": sub.id,
+            "router_id": sub.router_id,
+            "error": reason,
+            "attempt": job.attempt,
+            "blocked_by": twin,
+            "remedy": f"adopt router {sub.router_id}",
+        },
+    )
+    log.warning(
+        "subscriber_blocked", subscriber_id=sub.id, router_id=sub.router_id, blocked_by=twin
+    )
 
 
 async def reboot_router(ctx: SyncContext, job: Job[RouterJob]) -> None:

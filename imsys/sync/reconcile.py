@@ -66,6 +66,9 @@ class RouterPlan:
     # job carries it out whatever reconciliation decides, so the guard does not count it.
     intended: set[int] = field(default_factory=set)
     orphans: list[tuple[str, str, str]] = field(default_factory=list)  # (menu, id, name)
+    # Subscribers an unmanaged twin still blocks: left alone until they change or the
+    # router is adopted (``sync.adopt``).
+    blocked: list[int] = field(default_factory=list)
     guard: str | None = None
 
     def cuts(self) -> list[tuple[int, Plan]]:
@@ -102,6 +105,7 @@ class RouterPlan:
                 {"subscriber_id": sid, "commands": p.describe()} for sid, p in self.drifted
             ],
             "pending_syncs": self.pending,
+            "blocked": self.blocked,
             "remove_unknown": [{"menu": m, "id": i, "name": n} for m, i, n in self.orphans],
             "would_disconnect": self.cutting(),
             "guard": self.guard,
@@ -128,6 +132,12 @@ async def build_plan(ctx: SyncContext, router: Any) -> RouterPlan:
     async with router_session(ctx, router) as ros:
         menus = {menu: await ros.print(menu) for menu in LOGIN_BY_SERVICE.values()}
     found: dict[int, dict[str, list[dict[str, str]]]] = {}
+    unmanaged = {
+        (menu, str(e.get("name", "")))
+        for menu, entries in menus.items()
+        for e in entries
+        if parse_marker(tag, e.get("comment")) is None
+    }
     result = RouterPlan(router["id"], 0, sum(1 for s in subs.values() if s.desired.present))
     for menu, entries in menus.items():
         for entry in entries:
@@ -142,6 +152,9 @@ async def build_plan(ctx: SyncContext, router: Any) -> RouterPlan:
                     entry
                 )
     for sid, sub in subs.items():
+        if sub.blocked and (sub.desired.menu(), sub.desired.username) in unmanaged:
+            result.blocked.append(sid)  # nothing changed since its sync said so
+            continue
         if sub.sync_status == "pending":
             result.intended.add(sid)
         managed = found.get(sid, {m: [] for m in LOGIN_BY_SERVICE.values()})

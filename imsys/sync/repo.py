@@ -24,7 +24,8 @@ SUBSCRIBER_FOR_SYNC = """
 SELECT s.id, s.tenant_id, s.router_id, s.username, s.password, s.service, s.is_suspended,
        s.deleted_at IS NOT NULL AS deleted, s.desired_version, s.kick_required, p.profile,
        s.router_password_hash,
-       s.sync_status, s.pending_correlations
+       s.sync_status, s.pending_correlations,
+       s.blocked_version IS NOT DISTINCT FROM s.desired_version AS blocked
 FROM subscribers s JOIN packages p ON p.id = s.package_id
 WHERE s.id = $1
 """
@@ -47,6 +48,8 @@ class SubscriberRow:
     kick_required: bool
     sync_status: str
     correlations: list[str]
+    # Blocked by an unmanaged twin at this version (see ``mark_blocked``).
+    blocked: bool = False
 
 
 def subscriber_from(row: asyncpg.Record) -> SubscriberRow:
@@ -68,6 +71,7 @@ def subscriber_from(row: asyncpg.Record) -> SubscriberRow:
         kick_required=row["kick_required"],
         sync_status=row["sync_status"],
         correlations=list(row["pending_correlations"]),
+        blocked=bool(row["blocked"]),
     )
 
 
@@ -106,6 +110,7 @@ async def mark_synced(
             """
             UPDATE subscribers
             SET sync_status = 'synced', sync_error = NULL, synced_version = $2,
+                blocked_version = NULL,
                 last_synced_at = now(), pending_correlations = '{}',
                 kick_required = CASE WHEN $3 THEN false ELSE kick_required END
             WHERE id = $1 AND desired_version = $2
@@ -145,6 +150,31 @@ async def set_written_password(
     await conn.execute(
         "UPDATE subscribers SET router_password_hash = $2 WHERE id = $1", subscriber_id, digest
     )
+
+
+async def mark_blocked(
+    pool: asyncpg.Pool, sub: SubscriberRow, message: str, *, fence: Fence
+) -> bool | None:
+    """Record that an unmanaged twin blocks this version (locked and fenced as
+    ``mark_synced``): True the first time for this version (worth one event), False
+    after that, None when the desired state moved on meanwhile (nothing written)."""
+    async with pool.acquire() as conn, conn.transaction():
+        current = await _lock_subscriber(conn, sub)
+        await fence()
+        if not current:
+            return None
+        first = await conn.fetchval(
+            """
+            UPDATE subscribers s SET sync_status = 'error', sync_error = $3, blocked_version = $2
+            FROM (SELECT blocked_version FROM subscribers WHERE id = $1) AS old
+            WHERE s.id = $1 AND s.desired_version = $2
+            RETURNING old.blocked_version IS DISTINCT FROM $2
+            """,
+            sub.id,
+            sub.version,
+            message[:1000],
+        )
+    return bool(first)
 
 
 async def _lock_subscriber(conn: Conn, sub: SubscriberRow) -> bool:

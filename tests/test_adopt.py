@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from imsys.http import api_network, api_sync
 from imsys.http.server import build_app
+from imsys.intents import Republisher
 from imsys.sync import adopt as adopting
 from tests.conftest import ROOT, subprocess_env
 from tests.sync_support import Stack
@@ -98,6 +99,25 @@ async def test_twin_blocks_the_subscriber_as_a_state_with_the_remedy(stack: Stac
     assert (row["sync_status"], row["sync_error"]) == ("synced", None)
     [entry] = stack.sim.items(SECRET)
     assert (entry[".id"], entry["comment"]) == (twin_id, f"imsys:sub={sid}")
+
+
+async def test_redis_losing_its_jobs_does_not_bring_a_blocked_subscriber_back(
+    stack: Stack,
+) -> None:
+    """Re-publication of lost intents skips a blocked subscriber (its state is no lost
+    job) but still puts back an unsynced one."""
+    stack.sim.add_item(SECRET, name="jabari", password="hand", profile="basic")
+    blocked = await stack.add_subscriber("jabari")
+    await stack.settle()
+    assert (await stack.subscriber(blocked))["sync_status"] == "error"
+    waiting = await stack.add_subscriber("zawadi")
+    await stack.db.execute("DELETE FROM outbox")  # its job lost with Redis
+    outcome = await Republisher(stack.deps).republish("sync")
+    assert outcome.enqueued == {"sync_subscriber": 1}
+    await stack.settle()
+    assert (await stack.subscriber(waiting))["sync_status"] == "synced"
+    assert (await stack.subscriber(blocked))["sync_status"] == "error"
+    assert len(await backend_events(stack, "subscriber_sync_failed")) == 1
 
 
 async def test_a_change_to_a_blocked_subscriber_tries_again(stack: Stack) -> None:

@@ -101,9 +101,13 @@ async def test_stale_payment_delivery_applies_nothing(bstack: Stack) -> None:
     subscriber, nor queues a sync or an acknowledgement; the current delivery does."""
     s = bstack
     sid = await s.add_subscriber(
-        "pay", phone="+254700000010", is_suspended=True,
+        "pay",
+        phone="+254700000010",
+        is_suspended=True,
         expires_at=datetime.now(UTC) - timedelta(days=1),
     )
+    # Suspended by expiry, as the sweep does it: a payment lifts only that kind.
+    await s.db.execute("UPDATE subscribers SET suspension_reason = 'expired' WHERE id = $1", sid)
     pay, _ = await payments.record_payment(
         s.db, payments.PaymentIn(subscriber_id=sid, amount=Decimal("10.00"), reference="FENCE001")
     )
@@ -135,7 +139,10 @@ async def test_stale_notification_delivery_sends_nothing(
         await run(s.engine, job)
     assert gateway.messages() == []
     assert await note_row(s, nid) == {
-        "status": "queued", "attempts": 0, "sending_by": None, "error": None
+        "status": "queued",
+        "attempts": 0,
+        "sending_by": None,
+        "error": None,
     }
     job.fence = None
     await run(s.engine, job)
@@ -260,7 +267,9 @@ async def test_stale_bouncer_download_stores_nothing(
         await bs.check()
         [batch] = await bs.batches()
         job = make_job(
-            bs.engine, "bouncer", "download_results",
+            bs.engine,
+            "bouncer",
+            "download_results",
             {"bouncer_batch_id": batch["bouncer_batch_id"]},
         )
         job.fence = fenced

@@ -225,6 +225,32 @@ async def test_down_router_defers_jobs_without_spending_attempts(stack: Stack) -
     assert await stack.engine.dead_letters.count() == 0
 
 
+async def test_refused_login_holds_jobs_and_shows_why_until_fixed(stack: Stack) -> None:
+    """A router that refuses imsys's login (wrong password, untrusted certificate) holds
+    its jobs without spending attempts or dead-lettering, shows offline with the reason
+    (never the password), and syncs once its settings are fixed."""
+    sid = await stack.add_subscriber("zora")
+    right = await stack.db.fetchval("SELECT password FROM routers WHERE id = $1", stack.router_id)
+    await stack.db.execute(
+        "UPDATE routers SET password = 'not-the-password' WHERE id = $1", stack.router_id
+    )
+    await stack.relay.relay_once()
+    for _ in range(3):
+        await stack.engine.consumers["sync"].process_once(block_ms=10)
+        await asyncio.sleep(0.3)
+        await stack.engine.promote_once()
+    router = await service.get_router(stack.db, stack.router_id)
+    assert router["online"] is False
+    assert "PATCH /api/routers/" in router["last_error"]
+    assert "not-the-password" not in router["last_error"]
+    assert (await stack.subscriber(sid))["sync_status"] == "pending"
+    assert await stack.engine.dead_letters.count() == 0
+    await stack.db.execute("UPDATE routers SET password = $2 WHERE id = $1", stack.router_id, right)
+    await stack.settle()
+    assert (await stack.subscriber(sid))["sync_status"] == "synced"
+    assert await stack.engine.dead_letters.count() == 0
+
+
 async def test_silent_router_does_not_slow_the_others(stack2: Stack) -> None:
     """A router that swallows packets delays only its own subscribers."""
     fast = [await stack2.add_subscriber(f"fast{i}", router=0) for i in range(10)]

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import structlog
 
 from imsys.errors import Deferred, FencedOut, PermanentError, RetryableError
-from imsys.routeros import RouterSession, RouterTarget, RouterUnavailable
+from imsys.routeros import RouterAuthError, RouterSession, RouterTarget, RouterUnavailable
 from imsys.routeros.menus import HOTSPOT_ACTIVE, LOGIN_BY_SERVICE, PPP_ACTIVE, SYSTEM_REBOOT
 from imsys.streams.job import Job
 from imsys.sync import repo
@@ -72,6 +72,14 @@ async def router_session(
         cooldown = await ctx.circuit.failure(router_id)
         await router_went_offline(ctx, router_id, str(exc))
         raise Deferred(f"{exc}; waiting {cooldown:.0f}s for the router", delay=cooldown) from exc
+    except RouterAuthError as exc:
+        # Wrong credentials or an untrusted certificate fail every job of the router the
+        # same way: hold them (no attempt spent, nothing dead-lettered) with the router
+        # shown offline and why, until an operator fixes its settings.
+        cooldown = await ctx.circuit.failure(router_id)
+        reason = f"{exc}; fix the router's settings (PATCH /api/routers/{router_id})"
+        await router_went_offline(ctx, router_id, reason)
+        raise Deferred(f"{reason}; trying again in {cooldown:.0f}s", delay=cooldown) from exc
     await ctx.circuit.success(router_id)
     if router["online"] is not True:
         await router_came_online(ctx, router_id)

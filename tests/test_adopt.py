@@ -329,3 +329,34 @@ async def test_adopt_from_the_command_line(stack: Stack) -> None:
     code, _, err = await run_cli(stack, "adopt", "999999999")
     assert code == 1
     assert "not found" in err
+
+
+@pytest.mark.parametrize("stack", [False], ids=["no-sensitive"], indirect=True)
+async def test_adopting_on_a_router_that_hides_passwords_writes_each_once(stack: Stack) -> None:
+    """Through an API user without `sensitive` (passwords not printed), adoption sends
+    each password once with its tag and remembers it: the syncs and the reconciliation
+    after it write nothing more."""
+    sids = []
+    for name in ("kamau", "wanjiru", "otieno"):
+        stack.sim.add_item(SECRET, name=name, password="old-" + name, profile="basic")
+        sids.append(await stack.add_subscriber(name, password="new-" + name))
+    await stack.settle()  # blocked by their untagged twins: nothing written
+    seen = len(stack.sim.commands)
+    result = await adopting.adopt(stack.deps, stack.router_id, apply=True)
+    assert sorted(m.subscriber_id for m in result.matched) == sorted(sids)
+    assert all("password" in m.set for m in result.matched)
+    await stack.settle()  # the adopted subscribers' own syncs
+    for sid in sids:
+        assert (await stack.subscriber(sid))["sync_status"] == "synced"
+        await stack.engine.producer.enqueue("sync", "sync_subscriber", {"subscriber_id": sid})
+    await stack.settle()
+    await reconcile(stack)
+    # Adoption's one set per login (tag and password together), nothing after it (its
+    # profile tags are counted elsewhere).
+    logins = {k: n for k, n in writes(commands(stack, seen)).items() if k.startswith(SECRET)}
+    assert logins == {f"{SECRET}/set": 3}
+    assert {e["name"]: e["password"] for e in stack.sim.state.rows(SECRET)} == {
+        "kamau": "new-kamau",
+        "wanjiru": "new-wanjiru",
+        "otieno": "new-otieno",
+    }

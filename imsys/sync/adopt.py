@@ -45,6 +45,7 @@ from imsys.sync.desired import (
     Desired,
     marker,
     parse_marker,
+    password_digest,
     plan,
     profile_marker,
     public_fields,
@@ -312,6 +313,15 @@ async def _tag(
         await repo.audit_outcome(ctx.db, ids, f"failed: {exc}")
         raise
     await repo.audit_outcome(ctx.db, ids, "ok")
+    if isinstance(m, Match) and "password" in m.set:
+        # The entry now holds this password: on a router that hides passwords, the
+        # subscriber's next sync must not write it again (no job here to fence).
+        digest = password_digest(m.subscriber_id, m.set["password"])
+        await repo.set_written_password(ctx.db, m.subscriber_id, digest, fence=_unfenced)
+
+
+async def _unfenced() -> None:
+    """Adoption runs in a request, not a job: there is no claim to lose."""
 
 
 async def _queue(ctx: SyncContext, matched: list[Match], correlation: str) -> None:

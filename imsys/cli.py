@@ -1,5 +1,5 @@
 """``python -m imsys [--config FILE] COMMAND``: run, migrate, check, queues, dlq, enqueue,
-bench, sim."""
+bench, sim, import."""
 
 from __future__ import annotations
 
@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PROFILE=PACKAGE_ID",
         help="the package an imported login with that router profile gets (repeatable)",
     )
+
+    i = sub.add_parser("import", help="create subscribers from a CSV, all or nothing")
+    i.add_argument("file", metavar="FILE.csv", help="CSV with a header naming the fields")
 
     c = sub.add_parser("chaos", help="adversarial scenarios on private Redis/PostgreSQL servers")
     c.add_argument("--short", action="store_true", help="small counts, short outages (< 2 min)")
@@ -403,6 +406,58 @@ def cmd_adopt(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def read_subscribers_csv(path: str) -> list[dict[str, str]]:
+    """The CSV's rows as dicts by its header; an empty cell is left out (the default)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [
+            {k.strip(): v for k, v in row.items() if k is not None and v not in (None, "")}
+            for row in csv.DictReader(f)
+        ]
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    """Bulk import from a CSV (imsys.network.bulk): prints ``{"created", "ids"}``; exit 2
+    with every bad row on stderr, nothing written."""
+    from imsys.db import connect_pool
+    from imsys.network import bulk
+    from imsys.network.errors import Conflict, Invalid
+    from imsys.sync.service import subscribers_created
+
+    try:
+        rows = read_subscribers_csv(args.file)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"imsys: cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+
+    async def go() -> list[int]:
+        db = await connect_pool(settings.database.url.get_secret_value(), max_size=2)
+        try:
+            return await bulk.create_subscribers(
+                db,
+                rows,
+                f"cli:import:{int(time.time())}",
+                on_created=subscribers_created,
+            )
+        finally:
+            await db.close()
+
+    try:
+        ids = _run(go())
+    except bulk.BulkInvalid as exc:
+        print(orjson.dumps(exc.as_dict(), option=orjson.OPT_INDENT_2).decode(), file=sys.stderr)
+        return 2
+    except Invalid as exc:
+        print(f"imsys: {exc}", file=sys.stderr)
+        return 2
+    except Conflict as exc:
+        print(f"imsys: {exc}", file=sys.stderr)
+        return 1
+    _print_json({"created": len(ids), "ids": ids})
+    return 0
+
+
 def cmd_chaos(_settings: Settings, args: argparse.Namespace) -> int:
     from imsys.chaos.runner import main as chaos_main
 
@@ -417,6 +472,7 @@ def cmd_chaos(_settings: Settings, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": cmd_run,
+    "import": cmd_import,
     "migrate": cmd_migrate,
     "check": cmd_check,
     "queues": cmd_queues,

@@ -91,6 +91,9 @@ class HttpSettings(BaseModel):
     token: SecretStr = SecretStr("change-me")
     # Largest request body read (bytes); past it, 413 before the body is buffered.
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # Largest body of POST /api/subscribers/bulk (up to 100,000 subscribers), read
+    # streamed; past it, 413.
+    max_bulk_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
 
 
 class LogSettings(BaseModel):

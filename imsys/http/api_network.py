@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from aiohttp import web
 
 from imsys.deps import Deps
@@ -11,13 +14,15 @@ from imsys.http.common import (
     install,
     int_param,
     optional_int,
+    own_body_limit,
     page_limit,
     parse,
+    read_limited,
 )
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
-from imsys.network import models, service
-from imsys.sync.service import package_changed, subscriber_changed
+from imsys.network import bulk, models, service
+from imsys.sync.service import package_changed, subscriber_changed, subscribers_created
 
 
 @creating
@@ -100,6 +105,49 @@ async def post_subscriber(request: web.Request) -> web.Response:
     return json_response(row, status=201)
 
 
+def bulk_rows(raw: bytes, content_type: str) -> list[Any]:
+    """A bulk body's rows: a JSON array, or JSON lines (``application/x-ndjson``, or a
+    body that does not start with ``[``); a line that is not JSON is a 400 naming it."""
+    if not raw.strip():
+        raise ApiError(400, "request body is empty; a JSON array or JSON lines are expected")
+    if content_type != "application/x-ndjson" and raw.lstrip()[:1] == b"[":
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, list):
+            raise ApiError(400, "request body must be a JSON array of subscribers")
+        return data
+    rows: list[Any] = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(orjson.loads(line))
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"line {number} is not valid JSON: {exc}") from None
+        if len(rows) > bulk.MAX_ROWS:
+            break  # past the most a call may hold: bulk.check refuses it
+    return rows
+
+
+@own_body_limit
+async def post_subscribers_bulk(request: web.Request) -> web.Response:
+    """Many subscribers in one call, all or nothing (bulk.create_subscribers). Not marked
+    ``@creating``: a resent import that was written is refused whole (usernames taken)."""
+    deps = request.app[DEPS]
+    raw = await read_limited(request, deps.settings.http.max_bulk_bytes, "http.max_bulk_bytes")
+    rows = bulk_rows(raw, request.content_type)
+    try:
+        ids = await bulk.create_subscribers(
+            deps.db, rows, correlation_id(request), on_created=subscribers_created
+        )
+    except bulk.BulkInvalid as exc:
+        detail = exc.as_dict()
+        raise ApiError(400, detail.pop("error"), **detail) from None
+    return json_response({"created": len(ids), "ids": ids}, status=201)
+
+
 async def get_subscriber(request: web.Request) -> web.Response:
     return json_response(await service.get_subscriber(request.app[DEPS].db, int_param(request)))
 
@@ -161,6 +209,7 @@ def add_routes(app: web.Application, deps: Deps) -> None:
     r.add_patch(r"/api/packages/{id:\d+}", patch_package)
     r.add_delete(r"/api/packages/{id:\d+}", delete_package)
     r.add_post("/api/subscribers", post_subscriber)
+    r.add_post("/api/subscribers/bulk", post_subscribers_bulk)
     r.add_get("/api/subscribers", get_subscribers)
     r.add_get(r"/api/subscribers/{id:\d+}", get_subscriber)
     r.add_patch(r"/api/subscribers/{id:\d+}", patch_subscriber)

@@ -28,6 +28,7 @@ DEPS = web.AppKey("deps", Deps)
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
 
 
 def install(app: web.Application, deps: Deps) -> None:
@@ -53,6 +54,40 @@ async def parse(request: web.Request, model: type[M], *, limit: int | None = Non
     except pydantic.ValidationError as exc:
         found = problems(exc, whole="body", limit=limit)
         raise ApiError(400, "; ".join(found), fields=found) from None
+
+
+_OWN_BODY_LIMIT = "_imsys_own_body_limit"
+
+
+def own_body_limit(handler: H) -> H:
+    """Mark a handler that reads its body itself under a limit of its own (a bulk import):
+    the global ``http.max_body_bytes`` check (`imsys.http.server.body_limit`) passes it by."""
+    setattr(handler, _OWN_BODY_LIMIT, True)
+    return handler
+
+
+def has_own_body_limit(handler: object) -> bool:
+    return getattr(handler, _OWN_BODY_LIMIT, False) is True
+
+
+async def read_limited(request: web.Request, limit: int, setting: str) -> bytes:
+    """The body, read streamed, or a 413 naming ``setting`` once it passes ``limit`` bytes."""
+
+    def too_large() -> ApiError:
+        return ApiError(
+            413, f"request body is larger than the limit of {limit} bytes ({setting})", limit=limit
+        )
+
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def int_param(request: web.Request, name: str = "id") -> int:

@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imsys.errors import ConfigError, Unavailable
-from imsys.http.common import domain_errors, page_limit
+from imsys.http.common import domain_errors, has_own_body_limit, page_limit
 from imsys.http.idempotency import IDEMPOTENCY, IdempotencyStore, idempotency
 from imsys.http.json import ApiError, json_response, not_found
 from imsys.network.service import guard_states
@@ -162,6 +162,8 @@ async def body_limit(request: web.Request, handler: Handler) -> web.StreamRespon
     reading it there, and ``errors_as_json`` turns that into the same 413.
     """
     limit = request.app[MAX_BODY]
+    if has_own_body_limit(request.match_info.handler):
+        return await handler(request)  # it reads its body under its own limit (bulk import)
     if request.content_length is not None and request.content_length > limit:
         raise too_large(limit)
     return await handler(request)

@@ -39,6 +39,7 @@ __all__ = [
     "queue_sync",
     "request_sync",
     "subscriber_changed",
+    "subscribers_created",
     "sync_job_id",
 ]
 
@@ -55,6 +56,22 @@ async def queue_sync(conn: Conn, subscriber_id: int, correlation_id: str, cause:
 async def subscriber_changed(conn: Conn, subscriber_id: int, correlation_id: str) -> None:
     """The network model changed this subscriber's desired state: queue its sync."""
     await queue_sync(conn, subscriber_id, correlation_id, "api")
+
+
+async def subscribers_created(conn: Conn, subscriber_ids: list[int], correlation_id: str) -> None:
+    """Many subscribers were created at once (a bulk import): queue each one's sync, the
+    same job `subscriber_changed` queues, in one statement."""
+    await outbox.add_many(
+        conn,
+        SYNC_SUBSCRIBER,
+        [
+            (
+                {"subscriber_id": i, "correlation_id": correlation_id, "cause": "api"},
+                sync_job_id(i),
+            )
+            for i in subscriber_ids
+        ],
+    )
 
 
 async def package_changed(conn: Conn, tenant_id: int, correlation_id: str) -> None:

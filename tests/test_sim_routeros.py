@@ -22,6 +22,9 @@ from librouteros.protocol import encode_length as lib_encode_length
 from librouteros.query import Key, Or
 
 from imsys.sim.routeros import RouterOSSimulator, Write, serve
+from imsys.sim.routeros_menus import Trap
+from imsys.sim.routeros_query import index_hint
+from imsys.sim.routeros_state import RouterState
 from imsys.sim.routeros_wire import decode_length, encode_length, prefix_size
 
 USER = "admin"
@@ -874,3 +877,118 @@ async def test_independent_client_library_logs_in_prints_and_adds(sim: RouterOSS
     assert result["duplicate"] == "failure: secret with the same name already exists"
     assert sim.find("/ppp/secret", name="carol")[0]["password"] == "pw-1"
     assert any(".tag=" in " ".join(rec.words) for rec in sim.commands)
+
+
+# -- indexes: a print by .id or by name looks up instead of scanning -----------------
+
+
+def _scan(state: RouterState, menu: str, *queries: str) -> list[dict[str, str]]:
+    # Any `?#` operation makes the planner scan; ANDing a repeat of the last test
+    # leaves the query's meaning alone.
+    return state.execute(menu, "print", {}, [*queries, queries[-1], "?#&"]).rows
+
+
+def _print(state: RouterState, menu: str, *queries: str) -> list[dict[str, str]]:
+    looked_up = state.execute(menu, "print", {}, list(queries)).rows
+    assert looked_up == _scan(state, menu, *queries)
+    return looked_up
+
+
+def test_index_stays_exact_in_a_large_menu() -> None:
+    state = RouterState()
+    menu = "/ppp/secret"
+    ids = [
+        state.execute(menu, "add", {"name": f"user{n}", "password": "x"}, []).ret
+        for n in range(20_000)
+    ]
+    [row] = _print(state, menu, "?name=user12345")
+    assert row[".id"] == ids[12345]
+    assert _print(state, menu, f"?.id={ids[777]}")[0]["name"] == "user777"
+    # A lower-case id names the same item, as in the scan.
+    assert _print(state, menu, f"?.id={ids[777].lower()}")[0]["name"] == "user777"
+    assert _print(state, menu, "?name=user12345", "?password=y") == []
+
+    state.execute(menu, "set", {".id": ids[12345], "name": "renamed"}, [])
+    assert _print(state, menu, "?name=user12345") == []
+    assert _print(state, menu, "?name=renamed")[0][".id"] == ids[12345]
+    # The old name is free again; the new one is taken.
+    state.execute(menu, "add", {"name": "user12345", "password": "x"}, [])
+    with pytest.raises(Trap):
+        state.execute(menu, "add", {"name": "renamed", "password": "x"}, [])
+    state.execute(menu, "set", {".id": "user777", "comment": "by name"}, [])
+
+    state.execute(menu, "remove", {".id": ids[500]}, [])
+    assert _print(state, menu, "?name=user500") == []
+    assert _print(state, menu, f"?.id={ids[500]}") == []
+
+    state.reboot()
+    assert _print(state, menu, f"?.id={ids[777]}") == []
+    [row] = _print(state, menu, "?name=user777")
+    assert row["comment"] == "by name"
+    assert row[".id"] not in ids
+    assert _print(state, menu, f"?.id={row['.id']}") == [row]
+    assert _print(state, menu, "?name=renamed")[0][".id"] != ids[12345]
+    assert len(state.rows(menu)) == 20_000
+
+
+def test_index_keeps_print_order_and_duplicate_keys() -> None:
+    state = RouterState()
+    # Built-in profiles keep ids that sort apart from their print order.
+    profile = "/ppp/profile"
+    state.execute(profile, "add", {"name": "p1"}, [])
+    assert _print(state, profile, "?name=default-encryption")[0][".id"] == "*FFFFFFFE"
+    # Hotspot users are unique per server only: both print, in the order a scan gives.
+    users = "/ip/hotspot/user"
+    state.execute(users, "add", {"name": "b", "server": "s2"}, [])
+    state.execute(users, "add", {"name": "a", "server": "s1"}, [])
+    state.execute(users, "add", {"name": "a", "server": "s2"}, [])
+    state.execute(users, "set", {".id": "b", "name": "a", "server": "s3"}, [])
+    printed = _print(state, users, "?name=a")
+    assert [row["server"] for row in printed] == ["s3", "s1", "s2"]
+    assert _print(state, users, "?server=s1", "?name=a") == printed[1:2]
+    # Active sessions are looked up by user; a subscriber leaving ends all of theirs.
+    active = "/ip/hotspot/active"
+    state.add_item(active, {"user": "a", "address": "10.0.0.2"})
+    state.add_item(active, {"user": "a", "address": "10.0.0.3"})
+    state.add_item(active, {"user": "c", "address": "10.0.0.4"})
+    assert len(_print(state, active, "?user=a")) == 2
+    assert state.end_sessions(active, "a") == 2
+    assert _print(state, active, "?user=a") == []
+    assert len(_print(state, active, "?user=c")) == 1
+    state.reboot()
+    assert _print(state, active, "?user=c") == []
+
+
+def test_print_by_name_or_id_does_not_scan() -> None:
+    state = RouterState()
+    menu = "/ppp/secret"
+    for n in range(1_000):
+        state.execute(menu, "add", {"name": f"u{n}", "password": "x", "comment": f"c{n}"}, [])
+    visited = state.rows_visited
+    state.execute(menu, "print", {}, ["?name=u10"])
+    state.execute(menu, "print", {}, ["?.id=*5", "?comment=c4"])
+    state.execute(menu, "print", {}, ["?comment=c9", "?name=u9"])
+    state.execute(menu, "print", {}, ["?name=nobody"])
+    assert state.rows_visited - visited == 3
+    # Everything else scans, as RouterOS does.
+    visited = state.rows_visited
+    state.execute(menu, "print", {}, ["?comment=c10"])
+    state.execute(menu, "print", {}, ["?name=u1", "?name=u2", "?#|"])
+    assert state.rows_visited - visited == 2_000
+
+
+def test_index_hint_plans_only_anded_equality() -> None:
+    booleans = frozenset({"disabled"})
+    indexed = {".id", "name", "disabled"}
+    assert index_hint(["?name=x"], booleans, indexed) == ("name", "x")
+    assert index_hint(["?=name=a=b"], booleans, indexed) == ("name", "a=b")
+    assert index_hint(["?.id=*1a"], booleans, indexed) == (".id", "*1A")
+    assert index_hint(["?comment=c", "?name=x"], booleans, indexed) == ("name", "x")
+    assert index_hint([], booleans, indexed) is None
+    assert index_hint(["?name"], booleans, indexed) is None
+    assert index_hint(["?-name"], booleans, indexed) is None
+    assert index_hint(["?<name=x"], booleans, indexed) is None
+    assert index_hint(["?>name=x"], booleans, indexed) is None
+    assert index_hint(["?comment=c"], booleans, indexed) is None
+    assert index_hint(["?disabled=yes"], booleans, indexed) is None
+    assert index_hint(["?name=x", "?#!"], booleans, indexed) is None

@@ -7,7 +7,7 @@ An item matches when every value left on the stack is true; no query matches all
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from imsys.sim.routeros_menus import ARGUMENT_FAILURE, Trap, format_id, normalize_bool, parse_id
 
@@ -53,6 +53,38 @@ def _test(word: str, booleans: frozenset[str]) -> Test:
     if operator == "<":
         return lambda row: name in row and _number_or_text(row[name]) < wanted
     return lambda row: name in row and _number_or_text(row[name]) > wanted
+
+
+def _equality(word: str) -> tuple[str, str] | None:
+    """`(field, raw value)` of an equality test word (`?name=x`, `?=name=x`), else None."""
+    body = word[1:]
+    if body.startswith("-"):
+        return None
+    if body[:1] == "=":
+        body = body[1:]
+    elif body[:1] in ("<", ">"):
+        return None
+    name, has_value, raw = body.partition("=")
+    return (name, raw) if has_value else None
+
+
+def index_hint(
+    words: Sequence[str], booleans: frozenset[str], indexed: Collection[str]
+) -> tuple[str, str] | None:
+    """A `(field, value)` every matching row must hold, for a print to look up, not scan.
+
+    Only for a query with no `?#` operations, where the tests are ANDed: the first
+    equality test on an indexed field (not a boolean) then narrows the rows, and the
+    whole query still decides which of those match. None: the print must scan.
+    """
+    if any(word.startswith("?#") for word in words):
+        return None
+    for word in words:
+        test = _equality(word)
+        if test is not None and test[0] in indexed and test[0] not in booleans:
+            name, raw = test
+            return name, _normalize(name, raw, booleans)
+    return None
 
 
 def _apply(operations: str, stack: list[bool]) -> None:

@@ -31,7 +31,7 @@ from imsys.sim.routeros_menus import (
     parse_uptime,
     to_wire,
 )
-from imsys.sim.routeros_query import compile_query
+from imsys.sim.routeros_query import compile_query, index_hint
 
 
 @dataclass
@@ -41,6 +41,9 @@ class Item:
     # monotonic start of a live session; its uptime is computed when printed
     since: float | None = None
     builtin: bool = False
+    # Position in its menu's print order (set by RouterState; a reboot keeps it): rows
+    # found through an index are printed in this order, as a scan would print them.
+    order: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,13 @@ class RouterState:
             path: {} for path, spec in MENUS.items() if not spec.single
         }
         self._next_number = {path: MENUS[path].first_id for path in self._items}
+        # path -> key value (name, user) -> the items holding it, by number. Key values
+        # are unique in config menus, but not in session menus (and hotspot users are
+        # unique only per server), hence a small dict per value.
+        self._by_key: dict[str, dict[str, dict[int, Item]]] = {path: {} for path in self._items}
+        self._order = 0
+        # Rows a print tested against its query: for tests that a lookup is not a scan.
+        self.rows_visited = 0
         self._single: dict[str, dict[str, str]] = {
             "/system/resource": dict(DEFAULT_RESOURCE),
             "/system/identity": {"name": "MikroTik"},
@@ -82,9 +92,61 @@ class RouterState:
         for path, builtins in BUILTIN_ITEMS.items():
             for number, fields in builtins:
                 spec = MENUS[path]
-                self._items[path][number] = Item(
-                    number, {"name": fields["name"], **spec.defaults, **fields}, builtin=True
+                self._insert(
+                    path,
+                    Item(number, {"name": fields["name"], **spec.defaults, **fields}, builtin=True),
                 )
+
+    # -- the items of a menu and their index by key -------------------------------
+
+    def _insert(self, path: str, item: Item) -> None:
+        self._order += 1
+        item.order = self._order
+        self._items[path][item.number] = item
+        self._index(path, item)
+
+    def _delete(self, path: str, item: Item) -> None:
+        del self._items[path][item.number]
+        self._unindex(path, item)
+
+    def _index(self, path: str, item: Item) -> None:
+        key = MENUS[path].key
+        if key is not None and key in item.fields:
+            self._by_key[path].setdefault(item.fields[key], {})[item.number] = item
+
+    def _unindex(self, path: str, item: Item) -> None:
+        key = MENUS[path].key
+        if key is None or key not in item.fields:
+            return
+        holders = self._by_key[path].get(item.fields[key])
+        if holders is not None:
+            holders.pop(item.number, None)
+            if not holders:
+                del self._by_key[path][item.fields[key]]
+
+    def _with_key(self, spec: MenuSpec, value: str) -> list[Item]:
+        """The items whose key is `value`, in print order."""
+        holders = self._by_key[spec.path].get(value)
+        if not holders:
+            return []
+        return sorted(holders.values(), key=lambda item: item.order)
+
+    def _candidates(self, spec: MenuSpec, queries: list[str]) -> list[Item] | None:
+        """The only items a print's query can match, when an index says so; None: scan."""
+        if spec.single:
+            return None
+        indexed = {".id"} if spec.key is None else {".id", spec.key}
+        hint = index_hint(queries, spec.booleans, indexed)
+        if hint is None:
+            return None
+        name, value = hint
+        if name != ".id":
+            return self._with_key(spec, value)
+        number = parse_id(value)
+        if number is None:
+            return None
+        item = self._items[spec.path].get(number)
+        return [] if item is None else [item]
 
     # -- reading -------------------------------------------------------------------
 
@@ -142,7 +204,12 @@ class RouterState:
 
     def _print(self, spec: MenuSpec, args: Mapping[str, str], queries: list[str]) -> Outcome:
         matches = compile_query(queries, spec.booleans)
-        rows = self.rows(spec.path)
+        candidates = self._candidates(spec, queries)
+        if candidates is None:
+            rows = self.rows(spec.path)
+        else:
+            rows = [self._render(spec, item) for item in candidates]
+        self.rows_visited += len(rows)
         selected = [row for row in rows if matches(row)]
         if "count-only" in args:
             return Outcome(ret=str(len(selected)))
@@ -167,7 +234,7 @@ class RouterState:
         fields.update(given)
         self._check_item(spec, fields, None)
         number = self._allocate(spec.path)
-        self._items[spec.path][number] = Item(number, fields)
+        self._insert(spec.path, Item(number, fields))
         return number
 
     def _set(self, spec: MenuSpec, targets: list[Item], args: Mapping[str, str]) -> None:
@@ -183,7 +250,9 @@ class RouterState:
         for item, fields in updated:
             self._check_item(spec, fields, item)
         for item, fields in updated:
+            self._unindex(spec.path, item)
             item.fields = fields
+            self._index(spec.path, item)
 
     def _unset(self, spec: MenuSpec, targets: list[Item], args: dict[str, str]) -> None:
         name = args.pop("value-name", "")
@@ -207,7 +276,7 @@ class RouterState:
         if spec.session and self.sessions_survive_remove:
             return rows
         for item in targets:
-            del self._items[spec.path][item.number]
+            self._delete(spec.path, item)
         if spec.session and self.after_kick is not None:
             self.after_kick(spec.path, rows)
         return rows
@@ -239,9 +308,9 @@ class RouterState:
 
     def _check_item(self, spec: MenuSpec, fields: Mapping[str, str], item: Item | None) -> None:
         key = spec.key
-        if key is not None:
-            for other in self._items[spec.path].values():
-                if other is item or other.fields.get(key) != fields.get(key):
+        if key is not None and key in fields:
+            for other in self._with_key(spec, fields[key]):
+                if other is item:
                     continue
                 scope = spec.key_scope
                 if scope is None or other.fields.get(scope) == fields.get(scope):
@@ -269,10 +338,10 @@ class RouterState:
         return found
 
     def _find_key(self, spec: MenuSpec, value: str) -> Item | None:
-        for item in self._items[spec.path].values():
-            if spec.key is not None and item.fields.get(spec.key) == value:
-                return item
-        return None
+        if spec.key is None:
+            return None
+        found = self._with_key(spec, value)
+        return found[0] if found else None
 
     def _allocate(self, path: str) -> int:
         number = self._next_number[path]
@@ -318,21 +387,21 @@ class RouterState:
 
     def start_session(self, path: str, fields: Mapping[str, str], uptime: float = 0.0) -> str:
         number = self._allocate(path)
-        self._items[path][number] = Item(number, dict(fields), self._clock() - uptime)
+        self._insert(path, Item(number, dict(fields), self._clock() - uptime))
         return format_id(number)
 
     def end_sessions(self, menu: str, who: str) -> int:
         """The subscriber leaves on their own (not a kick); returns how many entries went."""
         spec = MENUS[menu_path(menu)]
-        items = self._items[spec.path]
-        gone = [n for n, item in items.items() if item.fields.get(spec.key or "") == who]
-        for number in gone:
-            del items[number]
+        gone = self._with_key(spec, who) if spec.key is not None else []
+        for item in gone:
+            self._delete(spec.path, item)
         return len(gone)
 
     def reboot(self) -> None:
         """Sessions end; config stays; every non-built-in `.id` changes."""
         for path, items in self._items.items():
+            self._by_key[path] = {}
             if MENUS[path].session:
                 items.clear()
                 continue
@@ -342,6 +411,7 @@ class RouterState:
                     # Numbers keep rising, so no new id equals any id seen before the reboot.
                     item.number = self._allocate(path)
                 renumbered[item.number] = item
+                self._index(path, item)
             self._items[path] = renumbered
         self.boot_time = self._clock()
         self.boots += 1

@@ -681,6 +681,8 @@ class StreamConsumer:
             if len(kept) < len(self._buffer):
                 self.log.warning("read_ahead_taken_over", count=len(self._buffer) - len(kept))
                 self._buffer = kept
+                for eid in gone:
+                    self._claimed_at.pop(eid, None)  # it runs elsewhere: no claim of ours
                 self._slot_free.set()
         lost = [eid for eid in lost if eid in self.running]
         if lost:
@@ -732,6 +734,8 @@ class StreamConsumer:
         buffered, self._buffer = list(self._buffer), deque()
         if not buffered:
             return 0
+        for eid, _ in buffered:
+            self._claimed_at.pop(eid, None)
         try:
             await self.moves.release(buffered)
         except REDIS_DOWN:

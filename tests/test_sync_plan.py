@@ -54,9 +54,9 @@ def test_describe_masks_passwords_and_orders_add_set_remove() -> None:
     ]
 
 
-def test_in_line_entry_gives_an_empty_plan() -> None:
-    """An entry that already matches plans nothing and disables nobody."""
-    entry = {
+def in_line_entry() -> dict[str, str]:
+    """Subscriber 7's managed secret, exactly as ``desired()`` wants it."""
+    return {
         ".id": "*1",
         "name": "alice",
         "password": "pw",
@@ -64,6 +64,11 @@ def test_in_line_entry_gives_an_empty_plan() -> None:
         "disabled": "false",
         "comment": marker(TAG, 7),
     }
+
+
+def test_in_line_entry_gives_an_empty_plan() -> None:
+    """An entry that already matches plans nothing and disables nobody."""
+    entry = in_line_entry()
     p = plan(desired(), {PPP_SECRET: [entry], HOTSPOT_USER: []}, TAG)
     assert p.empty
     assert not p.disables
@@ -72,14 +77,7 @@ def test_in_line_entry_gives_an_empty_plan() -> None:
 
 def test_suspension_sets_disabled_and_counts_as_disabling() -> None:
     """A suspended subscriber's entry is set disabled, which the guard counts."""
-    entry = {
-        ".id": "*1",
-        "name": "alice",
-        "password": "pw",
-        "profile": "basic",
-        "disabled": "false",
-        "comment": marker(TAG, 7),
-    }
+    entry = in_line_entry()
     p = plan(desired(disabled=True), {PPP_SECRET: [entry], HOTSPOT_USER: []}, TAG)
     assert p.describe() == [
         {"action": "set", "menu": PPP_SECRET, "id": "*1", "fields": {"disabled": "yes"}}

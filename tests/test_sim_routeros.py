@@ -973,17 +973,24 @@ def test_print_by_name_or_id_does_not_scan() -> None:
     # Everything else scans, as RouterOS does.
     visited = state.rows_visited
     state.execute(menu, "print", {}, ["?comment=c10"])
-    state.execute(menu, "print", {}, ["?name=u1", "?name=u2", "?#|"])
+    state.execute(menu, "print", {}, ["?name=u1", "?comment=c2", "?#|"])
     assert state.rows_visited - visited == 2_000
+    # A pure OR of names and ids looks each up.
+    visited = state.rows_visited
+    rows = state.execute(menu, "print", {}, ["?name=u1", "?name=u2", "?.id=*1", "?#||"])
+    assert state.rows_visited - visited <= 3
+    assert {r["name"] for r in rows.rows} >= {"u1", "u2"}
 
 
-def test_index_hint_plans_only_anded_equality() -> None:
+def test_index_hint_plans_only_anded_equality_or_a_pure_or() -> None:
+    """Only a query whose matches must hold an indexed value (an ANDed equality, or an
+    OR of equalities on indexed fields) is looked up; every other query scans."""
     booleans = frozenset({"disabled"})
     indexed = {".id", "name", "disabled"}
-    assert index_hint(["?name=x"], booleans, indexed) == ("name", "x")
-    assert index_hint(["?=name=a=b"], booleans, indexed) == ("name", "a=b")
-    assert index_hint(["?.id=*1a"], booleans, indexed) == (".id", "*1A")
-    assert index_hint(["?comment=c", "?name=x"], booleans, indexed) == ("name", "x")
+    assert index_hint(["?name=x"], booleans, indexed) == [("name", "x")]
+    assert index_hint(["?=name=a=b"], booleans, indexed) == [("name", "a=b")]
+    assert index_hint(["?.id=*1a"], booleans, indexed) == [(".id", "*1A")]
+    assert index_hint(["?comment=c", "?name=x"], booleans, indexed) == [("name", "x")]
     assert index_hint([], booleans, indexed) is None
     assert index_hint(["?name"], booleans, indexed) is None
     assert index_hint(["?-name"], booleans, indexed) is None
@@ -992,3 +999,16 @@ def test_index_hint_plans_only_anded_equality() -> None:
     assert index_hint(["?comment=c"], booleans, indexed) is None
     assert index_hint(["?disabled=yes"], booleans, indexed) is None
     assert index_hint(["?name=x", "?#!"], booleans, indexed) is None
+    assert index_hint(["?name=x", "?.id=*2", "?#|"], booleans, indexed) == [
+        ("name", "x"),
+        (".id", "*2"),
+    ]
+    assert index_hint(["?name=x", "?name=y", "?#|", "?name=z", "?#|"], booleans, indexed) == [
+        ("name", "x"),
+        ("name", "y"),
+        ("name", "z"),
+    ]
+    # Not a pure OR: a test on a field without an index, an AND left on the stack, NOT.
+    assert index_hint(["?name=x", "?comment=c", "?#|"], booleans, indexed) is None
+    assert index_hint(["?name=x", "?name=y", "?name=z", "?#|"], booleans, indexed) is None
+    assert index_hint(["?name=x", "?name=y", "?#|!"], booleans, indexed) is None

@@ -16,7 +16,7 @@ from typing import Any, Final
 import librouteros
 import structlog
 from librouteros.api import AsyncApi
-from librouteros.exceptions import ConnectionClosed, FatalError
+from librouteros.exceptions import ConnectionClosed, FatalError, ProtocolError
 from librouteros.protocol import encode_sentence
 
 from imsys.routeros.errors import (
@@ -28,6 +28,7 @@ from imsys.routeros.errors import (
     trap_class,
 )
 from imsys.routeros.menus import SYSTEM_REBOOT
+from imsys.routeros.reader import SentenceReader
 from imsys.routeros.target import RouterTarget
 from imsys.routeros.tls import NO_CERTIFICATE_REMEDY, anonymous_only, peer_fingerprint
 from imsys.routeros.words import check_ascii
@@ -50,6 +51,17 @@ class Reply:
     # Attributes of `!done`: `ret` (the new `.id`) after an add.
     done: dict[str, str]
     traps: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One API command for ``Connection.run_many``: its words, whether it changes the
+    router, and the guard that may refuse it in the step it would be sent."""
+
+    command: str
+    words: Sequence[str]
+    write: bool = False
+    guard: Callable[[], None] | None = None
 
 
 class _Refused(Exception):
@@ -86,9 +98,23 @@ class RawApi(AsyncApi):  # type: ignore[misc]  # librouteros ships no type infor
     leaves every value alone.
     """
 
+    _sentences: SentenceReader | None = None
+
+    @property
+    def sentences(self) -> SentenceReader:
+        if self._sentences is None:
+            transport = self.protocol.transport
+            self._sentences = SentenceReader(transport.reader, self.protocol.encoding)
+        return self._sentences
+
     async def readSentence(self) -> tuple[str, dict[str, str]]:  # librouteros calls it by this name
-        reply_word, words = await self.protocol.readSentence()
-        return reply_word, dict(_split_word(word) for word in words)
+        words = await self.sentences.sentence()
+        reply_word = words[0]
+        if reply_word == "!fatal":
+            # As librouteros does: the router ends the session after it.
+            self.protocol.transport.writer.transport.abort()
+            raise FatalError(words[1] if len(words) > 1 else "")
+        return reply_word, dict(_split_word(word) for word in words[1:])
 
     async def send(
         self, command: str, words: Sequence[str], guard: Callable[[], None] | None = None
@@ -265,6 +291,7 @@ class Connection:
             or reader.at_eof()
             or reader.exception() is not None
             or len(unread) > 0
+            or self._api.sentences.pending
         )
 
     def discard(self, reason: str) -> None:
@@ -321,6 +348,96 @@ class Connection:
         if reply.traps:
             raise self._trap(command, reply.traps)
         return reply
+
+    async def run_many(self, commands: Sequence[Command]) -> list[Reply | Exception]:
+        """Send ``commands`` back to back, each with its own `.tag`, then read the replies
+        as they come (RouterOS may interleave them); one result per command, in order.
+
+        RouterOS runs tagged commands of one connection concurrently, in no promised
+        order: pass only commands that do not depend on each other. A trap fails only its
+        own command (RouterTrap); a command whose guard refuses it is not sent (the
+        guard's exception). If the connection fails, commands already answered keep
+        their result and the rest get RouterUnavailable (``maybe_applied`` for writes
+        that were sent), and the connection is discarded. The time limit applies to the
+        wait for each next reply, not to the whole batch.
+        """
+        for c in commands:
+            _check_sentence(c.command, c.words)
+        if self.broken:
+            raise RuntimeError("command on a discarded connection")
+        results: list[Reply | Exception | None] = [None] * len(commands)
+        replies: dict[str, tuple[int, list[dict[str, str]], list[dict[str, str]]]] = {}
+        sent: list[int] = []
+        loop = asyncio.get_running_loop()
+        limit = self.target.timeout
+        try:
+            async with asyncio.timeout(limit) as deadline:
+                for i, c in enumerate(commands):
+                    try:
+                        await self._api.send(c.command, [*c.words, f".tag={i}"], c.guard)
+                    except _Refused as refused:
+                        results[i] = refused.reason
+                        continue
+                    sent.append(i)
+                    replies[str(i)] = (i, [], [])
+                    deadline.reschedule(loop.time() + limit)
+                while replies:
+                    i, reply = await self._read_tagged(replies)
+                    deadline.reschedule(loop.time() + limit)
+                    if reply is not None:
+                        traps = reply.traps
+                        results[i] = self._trap(commands[i].command, traps) if traps else reply
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                self._failed("tagged commands", exc, maybe_applied=False)
+                raise  # cancellation
+            reason = _describe(exc)
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {limit:g}s"
+            unanswered = [i for i, _, _ in replies.values()]
+            self.discard(f"{len(unanswered)} tagged command(s) unanswered: {reason}")
+            log.warning(
+                "router_command_failed",
+                **_fields(self.target),
+                command=f"{len(commands)} tagged commands",
+                error=reason,
+                unanswered=len(unanswered),
+            )
+            for i in unanswered:
+                c = commands[i]
+                suffix = " (the write may have been applied)" if c.write else ""
+                results[i] = RouterUnavailable(
+                    f"{self.target.label}: {c.command}: {reason}{suffix}",
+                    router_id=self.target.router_id,
+                    maybe_applied=c.write,
+                )
+            for i, result in enumerate(results):
+                if result is None:
+                    results[i] = RouterUnavailable(
+                        f"{self.target.label}: {commands[i].command}: not sent: {reason}",
+                        router_id=self.target.router_id,
+                        maybe_applied=False,
+                    )
+        return [r if r is not None else RuntimeError("no result") for r in results]
+
+    async def _read_tagged(
+        self, replies: dict[str, tuple[int, list[dict[str, str]], list[dict[str, str]]]]
+    ) -> tuple[int, Reply | None]:
+        """Read one sentence into the reply of its tag: (command index, the whole reply
+        once `!done` ended it, else None)."""
+        reply_word, attributes = await self._api.readSentence()
+        tag = attributes.pop(".tag", None)
+        if tag not in replies:
+            raise ProtocolError(f"{reply_word} for tag {tag!r}, which is not ours")
+        i, rows, traps = replies[tag]
+        if reply_word == "!re":
+            rows.append(attributes)
+        elif reply_word == "!trap":
+            traps.append(attributes)
+        elif reply_word == "!done":
+            del replies[tag]
+            return i, Reply(rows, attributes, traps)
+        return i, None
 
     async def reboot(self) -> None:
         """A reboot answers nothing: the connection dropping is the success."""

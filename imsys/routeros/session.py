@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
 
 import structlog
 
-from imsys.routeros.connection import Connection, Reply
+from imsys.routeros.connection import Command, Connection, Reply
 from imsys.routeros.errors import NoSuchItem, RouterInputError
 from imsys.routeros.menus import (
     HOTSPOT_ACTIVE,
@@ -25,9 +26,38 @@ from imsys.routeros.words import (
     menu_path,
     proplist_words,
     query_words,
+    query_words_any,
 )
 
 log = structlog.get_logger("imsys.routeros")
+
+# Tests ORed into one print by ``print_any``; more go in further prints, sent together.
+# RouterOS documents no limit on a query's length; this keeps each sentence modest.
+OR_TESTS_PER_PRINT: Final = 200
+
+
+@dataclass(frozen=True)
+class Write:
+    """One change for ``RouterSession.write_many``: add ``fields``, set ``fields`` on
+    ``item_id``, or remove ``item_id``; ``guard`` may refuse it as it would be sent."""
+
+    action: Literal["add", "set", "remove"]
+    menu: str
+    fields: Mapping[str, str] = field(default_factory=dict)
+    item_id: str | None = None
+    guard: Callable[[], None] | None = None
+
+    def command(self) -> Command:
+        """The API command; RouterInputError when an argument cannot be sent."""
+        path = menu_path(self.menu)
+        words = []
+        if self.action != "add":
+            if self.item_id is None:
+                raise RouterInputError(f"{self.menu}: {self.action} needs an item id")
+            words.append(f"=.id={id_list([self.item_id])}")
+        if self.action != "remove":
+            words.extend(attribute_words(self.fields))
+        return Command(f"{path}/{self.action}", words, write=True, guard=self.guard)
 
 
 class ConnectionLease(Protocol):
@@ -97,6 +127,54 @@ class RouterSession:
             return
         path = menu_path(menu)
         await self._run(f"{path}/remove", [f"=.id={id_list(ids)}"], write=True)
+
+    async def _run_many(self, commands: Sequence[Command]) -> list[Reply | Exception]:
+        async with self._lock:
+            if self._ended:
+                raise RuntimeError("this RouterSession has ended; open another from the pool")
+            connection = await self._lease.connection()
+            return await connection.run_many(commands)
+
+    async def write_many(self, writes: Sequence[Write]) -> list[str | Exception]:
+        """Send ``writes`` together, tagged (they must not depend on each other: RouterOS
+        runs them concurrently). One result per write, in order: the new `.id` of an add
+        ("" for a set or remove, or a menu that answers none), or the exception that
+        failed that write alone (a trap, a refused guard, a lost connection)."""
+        results: list[str | Exception] = [""] * len(writes)
+        commands: list[Command] = []
+        positions: list[int] = []
+        for i, w in enumerate(writes):
+            try:
+                commands.append(w.command())
+            except RouterInputError as exc:
+                results[i] = exc
+                continue
+            positions.append(i)
+        if commands:
+            for i, reply in zip(positions, await self._run_many(commands), strict=True):
+                results[i] = reply if isinstance(reply, Exception) else reply.done.get("ret", "")
+        return results
+
+    async def print_any(
+        self, menu: str, tests: Sequence[tuple[str, str]], *, proplist: list[str] | None = None
+    ) -> list[dict[str, str]]:
+        """Rows of ``menu`` with any of ``tests`` (field, value) equal: ORed with the
+        query stack (`?a=1 ?b=2 ?#|`), OR_TESTS_PER_PRINT at a time in prints sent
+        together. A row matching tests of two prints comes once."""
+        path = menu_path(menu)
+        step = OR_TESTS_PER_PRINT
+        chunks = [tests[i : i + step] for i in range(0, len(tests), step)]
+        commands = []
+        for chunk in chunks:
+            words = [*proplist_words(proplist), *query_words_any(chunk)]
+            commands.append(Command(f"{path}/print", words))
+        rows: dict[str, dict[str, str]] = {}
+        for reply in await self._run_many(commands) if commands else []:
+            if isinstance(reply, Exception):
+                raise reply
+            for row in reply.rows:
+                rows.setdefault(row.get(".id", str(len(rows))), row)
+        return list(rows.values())
 
     # -- conveniences ---------------------------------------------------------------
 

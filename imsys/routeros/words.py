@@ -79,6 +79,17 @@ def query_words(where: Mapping[str, str] | None) -> list[str]:
     ]
 
 
+def query_words_any(tests: Iterable[tuple[str, str]]) -> list[str]:
+    """`?name=value` words ORed together: one `?#` word with a `|` per extra test."""
+    words = [
+        f"?{check_name(name)}={check_ascii(value, f'query value of {name}')}"
+        for name, value in tests
+    ]
+    if len(words) > 1:
+        words.append("?#" + "|" * (len(words) - 1))
+    return words
+
+
 def proplist_words(proplist: Iterable[str] | None) -> list[str]:
     if proplist is None:
         return []

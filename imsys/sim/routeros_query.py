@@ -70,21 +70,35 @@ def _equality(word: str) -> tuple[str, str] | None:
 
 def index_hint(
     words: Sequence[str], booleans: frozenset[str], indexed: Collection[str]
-) -> tuple[str, str] | None:
-    """A `(field, value)` every matching row must hold, for a print to look up, not scan.
+) -> list[tuple[str, str]] | None:
+    """`(field, value)` pairs such that every matching row holds one of them, for a
+    print to look up, not scan; the whole query still decides which of those match.
 
-    Only for a query with no `?#` operations, where the tests are ANDed: the first
-    equality test on an indexed field (not a boolean) then narrows the rows, and the
-    whole query still decides which of those match. None: the print must scan.
+    Two shapes qualify. With no `?#` operations the tests are ANDed: the first equality
+    test on an indexed field (not a boolean) narrows the rows. A pure disjunction (only
+    equality tests on indexed fields, joined by exactly one `|` fewer than there are
+    tests, as `?name=a ?name=b ?#|`) matches rows holding any one of its pairs. None:
+    the print must scan.
     """
-    if any(word.startswith("?#") for word in words):
+    operations = "".join(word[2:] for word in words if word.startswith("?#"))
+    tests = [word for word in words if not word.startswith("?#")]
+    if not operations:
+        for word in tests:
+            test = _equality(word)
+            if test is not None and test[0] in indexed and test[0] not in booleans:
+                name, raw = test
+                return [(name, _normalize(name, raw, booleans))]
         return None
-    for word in words:
+    if set(operations) != {"|"} or len(operations) != len(tests) - 1:
+        return None
+    pairs = []
+    for word in tests:
         test = _equality(word)
-        if test is not None and test[0] in indexed and test[0] not in booleans:
-            name, raw = test
-            return name, _normalize(name, raw, booleans)
-    return None
+        if test is None or test[0] not in indexed or test[0] in booleans:
+            return None
+        name, raw = test
+        pairs.append((name, _normalize(name, raw, booleans)))
+    return pairs
 
 
 def _apply(operations: str, stack: list[bool]) -> None:

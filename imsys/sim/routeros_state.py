@@ -139,14 +139,18 @@ class RouterState:
         hint = index_hint(queries, spec.booleans, indexed)
         if hint is None:
             return None
-        name, value = hint
-        if name != ".id":
-            return self._with_key(spec, value)
-        number = parse_id(value)
-        if number is None:
-            return None
-        item = self._items[spec.path].get(number)
-        return [] if item is None else [item]
+        found: dict[int, Item] = {}
+        for name, value in hint:
+            if name != ".id":
+                found.update((item.number, item) for item in self._with_key(spec, value))
+                continue
+            number = parse_id(value)
+            if number is None:
+                return None
+            item = self._items[spec.path].get(number)
+            if item is not None:
+                found[number] = item
+        return sorted(found.values(), key=lambda item: item.order)
 
     # -- reading -------------------------------------------------------------------
 

@@ -115,10 +115,8 @@ class Demo:
                 "sync": settings.sync.model_copy(
                     update={
                         "facts_every_s": self.cfg.facts_every_s,
+                        # Caps every step of the outage schedule.
                         "circuit_max_s": self.cfg.circuit_max_s,
-                        "circuit_cooldown_s": min(
-                            settings.sync.circuit_cooldown_s, self.cfg.circuit_max_s
-                        ),
                     }
                 ),
             }

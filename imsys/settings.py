@@ -11,7 +11,7 @@ import random
 import string
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -191,9 +191,13 @@ class SyncSettings(BaseModel):
     expire_every_s: float = Field(default=60.0, gt=0)
     facts_every_s: float = Field(default=60.0, gt=0)
     router_timeout_s: float = Field(default=10.0, gt=0)
-    # A router that stopped answering is left alone this long (doubling up to the max)
-    # while its jobs wait without spending attempts.
-    circuit_cooldown_s: float = Field(default=10.0, gt=0)
+    # A router that stopped answering is left alone for the next pause of this schedule
+    # after each failed probe (the seed's 10 s, 1 min, 5 min; the last step repeats while
+    # the outage lasts), each capped by ``circuit_max_s``; its jobs wait without
+    # spending attempts.
+    circuit_schedule_s: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [10.0, 60.0, 300.0], min_length=1
+    )
     circuit_max_s: float = Field(default=300.0, gt=0)
     # The mass-disconnect guard trips only above this many subscribers at once (a router
     # of 3 subscribers losing 1 is not a mass disconnect).

@@ -115,7 +115,7 @@ def sync_settings(settings: Settings) -> Settings:
             "sync": settings.sync.model_copy(
                 update={
                     "router_timeout_s": 1.0,
-                    "circuit_cooldown_s": 0.2,
+                    "circuit_schedule_s": [0.2, 0.4, 1.0],
                     "circuit_max_s": 1.0,
                     "guard_min_count": 2,
                 }

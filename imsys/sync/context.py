@@ -55,7 +55,7 @@ def make_circuit(deps: Deps) -> RouterCircuit:
     return RouterCircuit(
         deps.redis,
         deps.engine.keys,
-        cooldown_s=cfg.circuit_cooldown_s,
+        schedule=cfg.circuit_schedule_s,
         max_s=cfg.circuit_max_s,
         probe_s=cfg.router_timeout_s * 3,
     )

@@ -64,6 +64,25 @@ def build_deps(
     return deps
 
 
+def build_http(deps: Deps, demo: Demo | None = None) -> web.Application:
+    """The admin server's app with every module's routes (and their OpenAPI declarations:
+    a module adds its routes through `imsys.http.openapi.Routes`)."""
+    settings = deps.settings
+    app = build_app(
+        deps.engine,
+        deps.redis,
+        deps.db,
+        settings.http.token.get_secret_value(),
+        max_body_bytes=settings.http.max_body_bytes,
+    )
+    api_network.add_routes(app, deps)
+    api_sync.add_routes(app, deps)
+    api_bouncer.add_routes(app, deps)
+    api_billing.add_routes(app, deps)
+    dashboard.add_routes(app, demo)
+    return app
+
+
 def make_events(settings: Settings, redis: Redis, engine: Engine) -> EventPublisher:
     return EventPublisher(redis, engine.keys, retention_hours=settings.events.backend_events_hours)
 
@@ -95,18 +114,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             loop.add_signal_handler(sig, engine.stop)
 
         if settings.http.enabled:
-            app = build_app(
-                engine,
-                redis,
-                db,
-                settings.http.token.get_secret_value(),
-                max_body_bytes=settings.http.max_body_bytes,
-            )
-            api_network.add_routes(app, deps)
-            api_sync.add_routes(app, deps)
-            api_bouncer.add_routes(app, deps)
-            api_billing.add_routes(app, deps)
-            dashboard.add_routes(app, demo)
+            app = build_http(deps, demo)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)

@@ -9,6 +9,7 @@ from imsys.deps import Deps
 from imsys.http.common import DEPS, install, int_param, optional_int, parse
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
+from imsys.http.openapi import Query, Routes
 from imsys.network.errors import NotFound
 
 
@@ -39,6 +40,25 @@ async def get_notifications(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application, deps: Deps) -> None:
     install(app, deps)
-    app.router.add_post("/api/payments", post_payment)
-    app.router.add_put(r"/api/tenants/{id:\d+}/templates/{name}", put_template)
-    app.router.add_get("/api/notifications", get_notifications)
+    r = Routes(app, "billing")
+    r.post(
+        "/api/payments",
+        post_payment,
+        "record a payment (unique provider reference)",
+        body=payments.PaymentIn,
+        status=201,
+        idempotent_key=True,
+        answer="the payment; 200 with duplicate true when the reference is known",
+    )
+    r.put(
+        r"/api/tenants/{id:\d+}/templates/{name}",
+        put_template,
+        "set a tenant's message template",
+        body=templates.TemplateIn,
+    )
+    r.get(
+        "/api/notifications",
+        get_notifications,
+        "the newest notifications (the ledger)",
+        query=(Query("subscriber_id", "integer", "only this subscriber's"),),
+    )

@@ -11,6 +11,7 @@ from imsys.deps import Deps
 from imsys.http.common import DEPS, install, parse
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
+from imsys.http.openapi import Query, Routes
 from imsys.network.errors import NotFound
 
 # A list of a million bad values would make a million-line error: name a few.
@@ -46,7 +47,19 @@ async def get_batches(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application, deps: Deps) -> None:
     install(app, deps)
-    r = app.router
-    r.add_post("/api/bouncer/batches", post_batch)
-    r.add_get("/api/bouncer/batches", get_batches)
-    r.add_get(r"/api/bouncer/batches/{id:\d+}", get_batch)
+    r = Routes(app, "bouncer")
+    r.post(
+        "/api/bouncer/batches",
+        post_batch,
+        "submit a user batch of e-mails to verify",
+        body=service.UserBatchIn,
+        status=201,
+        idempotent_key=True,
+    )
+    r.get(
+        "/api/bouncer/batches",
+        get_batches,
+        "the newest user batches",
+        query=(Query("limit", "integer", "1-1000, default 50"),),
+    )
+    r.get(r"/api/bouncer/batches/{id:\d+}", get_batch, "one user batch and its progress")

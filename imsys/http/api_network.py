@@ -21,6 +21,7 @@ from imsys.http.common import (
 )
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
+from imsys.http.openapi import Query, Routes
 from imsys.network import bulk, models, service
 from imsys.sync.service import package_changed, subscriber_changed, subscribers_created
 
@@ -195,22 +196,51 @@ async def delete_subscriber(request: web.Request) -> web.Response:
     return json_response(row)
 
 
+TENANT_Q = Query("tenant_id", "integer", "only this tenant's")
+SEARCH_Q = (
+    Query("q", description="a fragment of username, phone or e-mail, matched literally"),
+    Query("sync_status", description="pending, synced or error"),
+    Query("router_id", "integer", "only this router's"),
+    Query("limit", "integer", "1-1000, default 100"),
+    Query("offset", "integer", "rows to skip"),
+)
+
+
 def add_routes(app: web.Application, deps: Deps) -> None:
     install(app, deps)
-    r = app.router
-    r.add_post("/api/tenants", post_tenant)
-    r.add_get("/api/tenants", get_tenants)
-    r.add_patch(r"/api/tenants/{id:\d+}", patch_tenant)
-    r.add_post("/api/routers", post_router)
-    r.add_patch(r"/api/routers/{id:\d+}", patch_router)
-    r.add_delete(r"/api/routers/{id:\d+}", delete_router)
-    r.add_post("/api/packages", post_package)
-    r.add_get("/api/packages", get_packages)
-    r.add_patch(r"/api/packages/{id:\d+}", patch_package)
-    r.add_delete(r"/api/packages/{id:\d+}", delete_package)
-    r.add_post("/api/subscribers", post_subscriber)
-    r.add_post("/api/subscribers/bulk", post_subscribers_bulk)
-    r.add_get("/api/subscribers", get_subscribers)
-    r.add_get(r"/api/subscribers/{id:\d+}", get_subscriber)
-    r.add_patch(r"/api/subscribers/{id:\d+}", patch_subscriber)
-    r.add_delete(r"/api/subscribers/{id:\d+}", delete_subscriber)
+    r, made = Routes(app, "network"), {"status": 201, "idempotent_key": True}
+    r.post("/api/tenants", post_tenant, "create a tenant", body=models.TenantIn, **made)
+    r.get("/api/tenants", get_tenants, "every tenant", answer='{"tenants": [...]}')
+    r.patch(r"/api/tenants/{id:\d+}", patch_tenant, "change a tenant", body=models.TenantPatch)
+    r.post("/api/routers", post_router, "add a router", body=models.RouterIn, **made)
+    r.patch(r"/api/routers/{id:\d+}", patch_router, "change a router", body=models.RouterPatch)
+    r.delete(r"/api/routers/{id:\d+}", delete_router, "delete a router (409 while in use)")
+    r.post("/api/packages", post_package, "create a package", body=models.PackageIn, **made)
+    r.get("/api/packages", get_packages, "packages", query=(TENANT_Q,))
+    r.patch(r"/api/packages/{id:\d+}", patch_package, "change a package", body=models.PackagePatch)
+    r.delete(r"/api/packages/{id:\d+}", delete_package, "delete a package (409 while in use)")
+    r.post(
+        "/api/subscribers", post_subscriber, "create a subscriber", body=models.SubscriberIn, **made
+    )
+    r.post(
+        "/api/subscribers/bulk",
+        post_subscribers_bulk,
+        "create many subscribers, all or nothing",
+        body=list[models.SubscriberIn],
+        body_types=("application/json", "application/x-ndjson"),
+        status=201,
+        answer='{"created": N, "ids": [...]}',
+    )
+    r.get("/api/subscribers", get_subscribers, "search subscribers", query=SEARCH_Q)
+    r.get(r"/api/subscribers/{id:\d+}", get_subscriber, "one subscriber, sync state included")
+    r.patch(
+        r"/api/subscribers/{id:\d+}",
+        patch_subscriber,
+        "change a subscriber",
+        body=models.SubscriberPatch,
+    )
+    r.delete(
+        r"/api/subscribers/{id:\d+}",
+        delete_subscriber,
+        "delete a subscriber (removed from its router)",
+    )

@@ -12,6 +12,7 @@ from imsys.deps import Deps
 from imsys.errors import Deferred
 from imsys.http.common import DEPS, correlation_id, install, int_param, optional_int, parse
 from imsys.http.json import ApiError, json_response
+from imsys.http.openapi import Query, Routes
 from imsys.network import models, service
 from imsys.network.errors import NotFound
 from imsys.routeros import RouterError
@@ -116,11 +117,32 @@ async def post_subscriber_sync(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application, deps: Deps) -> None:
     install(app, deps)
-    r = app.router
-    r.add_get("/api/routers", get_routers)
-    r.add_get(r"/api/routers/{id:\d+}", get_router)
-    r.add_post(r"/api/routers/{id:\d+}/plan", post_router_plan)
-    r.add_post(r"/api/routers/{id:\d+}/adopt", post_router_adopt)
-    r.add_post(r"/api/routers/{id:\d+}/guard/confirm", post_guard_confirm)
-    r.add_post(r"/api/routers/{id:\d+}/reboot", post_router_reboot)
-    r.add_post(r"/api/subscribers/{id:\d+}/sync", post_subscriber_sync)
+    r, optional = Routes(app, "sync"), {"body_required": False}
+    r.get(
+        "/api/routers",
+        get_routers,
+        "routers with their live status",
+        query=(Query("tenant_id", "integer", "only this tenant's"),),
+    )
+    r.get(r"/api/routers/{id:\d+}", get_router, "one router with its live status")
+    r.post(
+        r"/api/routers/{id:\d+}/plan",
+        post_router_plan,
+        "dry run: what reconciliation would change on the router",
+    )
+    r.post(
+        r"/api/routers/{id:\d+}/adopt",
+        post_router_adopt,
+        "take over the router's untagged logins (a plan unless apply)",
+        body=AdoptIn,
+        **optional,
+    )
+    r.post(
+        r"/api/routers/{id:\d+}/guard/confirm",
+        post_guard_confirm,
+        "let the disconnections the mass-disconnect guard holds go through",
+        body=GuardConfirm,
+        **optional,
+    )
+    r.post(r"/api/routers/{id:\d+}/reboot", post_router_reboot, "queue a reboot", status=202)
+    r.post(r"/api/subscribers/{id:\d+}/sync", post_subscriber_sync, "force a sync", status=202)

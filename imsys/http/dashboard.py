@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+import pydantic
 from aiohttp import web
 
-from imsys.http.json import ApiError, json_response, read_json
+from imsys.http.common import parse
+from imsys.http.json import ApiError, json_response
+from imsys.http.openapi import Routes
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -39,6 +42,12 @@ class DemoControl(Protocol):
 DEMO: web.AppKey[DemoControl | None] = web.AppKey("demo")
 
 
+class DemoOutage(pydantic.BaseModel):
+    """``{"down": true}`` takes a simulated router offline, ``false`` brings it back."""
+
+    down: pydantic.StrictBool | None = None
+
+
 async def index(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
@@ -56,10 +65,7 @@ async def demo_outage(request: web.Request) -> web.Response:
         raise ApiError(404, "demo mode is off")
     down: bool | None = None
     if request.can_read_body:
-        body = await read_json(request)
-        if not isinstance(body, dict) or not isinstance(body.get("down", False), bool):
-            raise ApiError(400, 'body must be {"down": true|false}')
-        down = body.get("down")
+        down = (await parse(request, DemoOutage)).down
     index_ = int(request.match_info["index"])
     try:
         return json_response(await demo.set_outage(index_, down))
@@ -69,7 +75,14 @@ async def demo_outage(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application, demo: DemoControl | None = None) -> None:
     app[DEMO] = demo
-    app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC, name="static")
-    app.router.add_get("/api/demo", demo_status)
-    app.router.add_post(r"/api/demo/routers/{index:\d{1,3}}/outage", demo_outage)
+    r = Routes(app, "dashboard")
+    r.get("/", index, "the dashboard page (no token)", auth=False, answer_type="text/html")
+    r.get("/api/demo", demo_status, "demo mode and its simulated routers")
+    r.post(
+        r"/api/demo/routers/{index:\d{1,3}}/outage",
+        demo_outage,
+        "demo mode: take a simulated router offline or bring it back (no body toggles)",
+        body=DemoOutage,
+        body_required=False,
+    )

@@ -19,6 +19,7 @@ from imsys.errors import ConfigError, Unavailable
 from imsys.http.common import domain_errors, has_own_body_limit, page_limit
 from imsys.http.idempotency import IDEMPOTENCY, IdempotencyStore, idempotency
 from imsys.http.json import ApiError, json_response, not_found
+from imsys.http.openapi import Query, Routes, add_openapi, is_public
 from imsys.network.service import guard_states
 from imsys.settings import HttpSettings
 from imsys.streams.deadletters import ENTRY_ID
@@ -180,7 +181,7 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
 
 @web.middleware
 async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/api/"):
+    if request.path.startswith("/api/") and not is_public(request.match_info.handler):
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
         expected = request.app[TOKEN]
@@ -288,6 +289,13 @@ async def drop_dead_letter(request: web.Request) -> web.Response:
     return json_response({"dropped": _dead_id(request)})
 
 
+DEAD_Q: Final = (
+    Query("limit", "integer", "1-1000, default 100"),
+    Query("before", description="a dead-letter id to page back from"),
+    Query("stream", description="only this stream's"),
+)
+
+
 def build_app(
     engine: Engine,
     redis: Redis,
@@ -310,10 +318,12 @@ def build_app(
     app[TOKEN] = token
     app[MAX_BODY] = max_body_bytes
     app[IDEMPOTENCY] = IdempotencyStore(db)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/api/queues", queues)
-    app.router.add_get("/api/dead-letters", list_dead_letters)
-    app.router.add_post(f"/api/dead-letters/{{id:{ENTRY_ID}}}/replay", replay_dead_letter)
-    app.router.add_delete(f"/api/dead-letters/{{id:{ENTRY_ID}}}", drop_dead_letter)
+    add_openapi(app)
+    r, dead = Routes(app, "engine"), f"/api/dead-letters/{{id:{ENTRY_ID}}}"
+    r.get("/healthz", healthz, "health (no token)", auth=False, answer="ok, or 503 and why")
+    r.get("/metrics", metrics, "Prometheus text (no token)", auth=False, answer_type="text/plain")
+    r.get("/api/queues", queues, "per-stream figures, job progress, live processes")
+    r.get("/api/dead-letters", list_dead_letters, "dead letters, newest first", query=DEAD_Q)
+    r.post(f"{dead}/replay", replay_dead_letter, "put a dead letter back on its stream")
+    r.delete(dead, drop_dead_letter, "drop a dead letter")
     return app

@@ -382,3 +382,119 @@ ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_password_hash text;
 -- is blocked at that desired version: no sync writes, reconciliation leaves it alone,
 -- until the subscriber changes (a new version) or the router is adopted (cleared).
 ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS blocked_version bigint;
+
+-- === Messages that arrive (delivery receipts, WhatsApp templates, fallback, accounts) ===
+-- The ledger goes queued → sent → delivered | read | failed, with the provider's own
+-- status code and the time it gave; 'provider' names the API that took the message.
+ALTER TABLE notifications DROP CONSTRAINT IF EXISTS notifications_status_check;
+ALTER TABLE notifications ADD CONSTRAINT notifications_status_check
+    CHECK (status IN ('queued', 'sent', 'delivered', 'read', 'failed'));
+ALTER TABLE notifications ADD COLUMN IF NOT EXISTS provider text;
+ALTER TABLE notifications ADD COLUMN IF NOT EXISTS status_code text;
+ALTER TABLE notifications ADD COLUMN IF NOT EXISTS status_at timestamptz;
+-- The template variables the body was rendered from: a WhatsApp template takes them as
+-- its parameters when the customer's 24-hour window is closed.
+ALTER TABLE notifications ADD COLUMN IF NOT EXISTS vars jsonb NOT NULL DEFAULT '{}';
+-- How it went out on WhatsApp: 'text' or the template's name.
+ALTER TABLE notifications ADD COLUMN IF NOT EXISTS sent_as text;
+-- The SMS sent because this WhatsApp message failed (at most one: dedupe_key
+-- 'fallback:<id>'), and on the SMS, the message it stands in for.
+ALTER TABLE notifications ADD COLUMN IF NOT EXISTS fallback_of bigint;
+ALTER TABLE notifications ADD COLUMN IF NOT EXISTS fallback_id bigint;
+CREATE INDEX IF NOT EXISTS notifications_provider_id ON notifications (provider_message_id)
+    WHERE provider_message_id IS NOT NULL;
+-- WhatsApp messages still 'sent' (the fallback timer looks for the overdue ones).
+CREATE INDEX IF NOT EXISTS notifications_wa_sent ON notifications (sent_at)
+    WHERE status = 'sent' AND channel = 'whatsapp' AND fallback_id IS NULL;
+
+-- The customer's last message to a WhatsApp business number: free-form text may go to
+-- them for 24 hours after it (Meta's customer service window), a template otherwise.
+CREATE TABLE IF NOT EXISTS whatsapp_windows (
+    phone_number_id text NOT NULL,
+    wa_id           text NOT NULL,
+    last_inbound_at timestamptz NOT NULL,
+    PRIMARY KEY (phone_number_id, wa_id)
+);
+
+-- A tenant's messaging: its own account (a name under [accounts] in the config, whose
+-- credentials never reach the database), whether a failed WhatsApp message may go again
+-- by SMS, and its WhatsApp templates per notification kind (else the configured ones).
+CREATE TABLE IF NOT EXISTS tenant_messaging (
+    tenant_id       bigint PRIMARY KEY REFERENCES tenants(id) ON DELETE CASCADE,
+    account         text,
+    sms_fallback    boolean NOT NULL DEFAULT true,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS whatsapp_templates (
+    tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    kind            text NOT NULL,
+    name            text NOT NULL,
+    language        text NOT NULL,
+    params          text[] NOT NULL DEFAULT '{}',
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, kind)
+);
+
+-- Seed deviations (router-outage cadence, active tenants, bouncer creates).
+-- A tenant switched off (not paying for the service, closed): its subscribers are not
+-- swept for expiry, not billed, not reminded, and its sync jobs are refused.
+ALTER TABLE tenants ADD COLUMN IF NOT EXISTS active boolean NOT NULL DEFAULT true;
+-- The Bouncer batch whose failed create put this e-mail back to 'pending': the creator's
+-- cycle that released it does not pack it again (the seed: no retry in the same cycle).
+ALTER TABLE user_batch_emails ADD COLUMN IF NOT EXISTS released_from bigint;
+-- Every verified receipt, once (a replay inserts nothing): a receipt that arrives before
+-- imsys recorded the provider's id is applied when it records it.
+CREATE TABLE IF NOT EXISTS notification_receipts (
+    channel             text NOT NULL,
+    provider_message_id text NOT NULL,
+    status              text NOT NULL,
+    code                text,
+    reason              text,
+    at                  timestamptz NOT NULL,
+    received_at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (channel, provider_message_id, status)
+);
+
+-- === Signal strength (imsys/sync/wireless.py) ===
+-- The subscriber's device as a station in its router's wireless registration table,
+-- matched by the session's MAC (PPPoE caller-id, hotspot mac-address) at each router
+-- facts poll: the hardware is the master of these values, stored as the router printed
+-- them (signal_dbm parsed from signal). One row per subscriber; a station that left keeps
+-- its last reading with associated false, and last_seen_at says when it was last seen.
+CREATE TABLE IF NOT EXISTS subscriber_wireless (
+    subscriber_id bigint PRIMARY KEY REFERENCES subscribers(id),
+    router_id     bigint NOT NULL REFERENCES routers(id) ON DELETE CASCADE,
+    mac_address   text NOT NULL,
+    source        text NOT NULL CHECK (source IN ('wireless', 'wifi')),
+    interface     text,
+    signal        text,
+    signal_dbm    integer,
+    tx_ccq        integer,
+    rx_ccq        integer,
+    tx_rate       text,
+    rx_rate       text,
+    uptime        text,
+    last_activity text,
+    associated    boolean NOT NULL DEFAULT true,
+    last_seen_at  timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS subscriber_wireless_router
+    ON subscriber_wireless (router_id) WHERE associated;
+
+-- === Router entry ids (imsys/sync/batch.py) ===
+-- The router's `.id` of each entry imsys manages for the subscriber ({"/ppp/secret":
+-- "*1A"}), so a sync looks its entries up by id instead of scanning the menu by
+-- comment. NULL: not known (rows from before this column, or a write whose outcome was
+-- lost): the next sync finds them by comment and keeps their ids. A new subscriber has
+-- no entry anywhere yet: '{}'.
+ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_entries jsonb;
+ALTER TABLE subscribers ALTER COLUMN router_entries SET DEFAULT '{}'::jsonb;
+
+-- === Router entry ids (imsys/sync/batch.py) ===
+-- The router's `.id` of each entry imsys manages for the subscriber ({"/ppp/secret":
+-- "*1A"}), so a sync looks its entries up by id instead of scanning the menu by
+-- comment. NULL: not known (rows from before this column, or a write whose outcome was
+-- lost): the next sync finds them by comment and keeps their ids. A new subscriber has
+-- no entry anywhere yet: '{}'.
+ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_entries jsonb;
+ALTER TABLE subscribers ALTER COLUMN router_entries SET DEFAULT '{}'::jsonb;

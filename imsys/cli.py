@@ -67,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--jobs", type=int, default=20000)
     b.add_argument("--sleep", type=float, default=0.0)
     b.add_argument("--concurrency", type=int, default=50)
+    bsub = b.add_subparsers(dest="bench_workload")
+    bs = bsub.add_parser(
+        "sync", help="the service and simulated routers at scale (imsys.bench_sync)"
+    )
+    bs.add_argument("--routers", type=int, required=True)
+    bs.add_argument("--subscribers", type=int, required=True, help="per router")
+    bs.add_argument("--clients", type=int, default=16, help="concurrent API clients")
+    bs.add_argument("--api-creates", type=int, default=2000)
+    bs.add_argument("--drift", type=float, default=0.01, help="fraction changed on a router")
+    bs.add_argument("--timeout", type=float, default=1800.0, help="longest wait per phase (s)")
+    bs.add_argument("--keep", action="store_true", help="keep the database, keys and logs")
+
 
     s = sub.add_parser("sim", help="run a simulator standalone")
     s.add_argument("which", choices=("routeros", "bouncer", "gateway"))
@@ -309,6 +321,28 @@ def cmd_enqueue(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from imsys.bench import print_result, run_bench
 
+    if args.bench_workload == "sync":
+        from imsys.bench_sync import SyncBenchOptions, run_sync_bench
+
+        opts = SyncBenchOptions(
+            args.routers,
+            args.subscribers,
+            args.clients,
+            args.api_creates,
+            args.drift,
+            args.timeout,
+            args.keep,
+        )
+        try:
+            result = _run(run_sync_bench(settings, opts))
+        except ValueError as exc:
+            print(f"imsys: {exc}", file=sys.stderr)
+            return 2
+        except RuntimeError as exc:  # the set-up failed, or the service died
+            print(f"imsys: bench sync failed: {exc}", file=sys.stderr)
+            return 1
+        print_result(result)
+        return 1 if result.get("timed_out") else 0
     print_result(
         _run(run_bench(settings, jobs=args.jobs, sleep=args.sleep, concurrency=args.concurrency))
     )

@@ -247,7 +247,7 @@ async def test_pick_skips_rows_another_transaction_holds(bs: BouncerStack,
             batch_id = await conn.fetchval(
                 "INSERT INTO bouncer_batches (check_type, quantity) VALUES ('deliverable', 0)"
                 " RETURNING id")
-            rows = await asyncio.wait_for(conn.fetch(repo.PICK, "deliverable", 10, batch_id), 2)
+            rows = await asyncio.wait_for(conn.fetch(repo.PICK, "deliverable", 10, batch_id, []), 2)
             picked.append({r["email"] for r in rows})
         assert len(picked[0]) == len(picked[1]) == 10
         assert not picked[0] & picked[1]

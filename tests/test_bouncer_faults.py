@@ -44,34 +44,41 @@ Fault = Callable[[BouncerSimulator], None]
 
 
 @pytest.mark.parametrize(
-    ("fault", "http_status"),
+    ("fault", "http_status", "ends_cycle"),
     [
-        (lambda sim: sim.rate_limit_next(endpoint="create"), 429),
-        (lambda sim: sim.payment_required_next(endpoint="create"), 402),
-        (lambda sim: sim.server_error_next(endpoint="create"), 500),
-        (lambda sim: sim.server_error_next(status=503, endpoint="create"), 503),
+        (lambda sim: sim.rate_limit_next(endpoint="create"), 429, True),
+        (lambda sim: sim.payment_required_next(endpoint="create"), 402, True),
+        (lambda sim: sim.server_error_next(endpoint="create"), 500, False),
+        (lambda sim: sim.server_error_next(status=503, endpoint="create"), 503, False),
     ],
     ids=["429", "402", "500", "503"],
 )
 async def test_failed_create_leaves_emails_pending(
-    bs: BouncerStack, fault: Fault, http_status: int
+    bs: BouncerStack, fault: Fault, http_status: int, ends_cycle: bool
 ) -> None:
-    """A create answered 429/402/5xx ends the cycle; its e-mails are pending again and
-    the next cycle sends them; in the end each is verified exactly once."""
+    """A create answered 429/402/5xx puts its e-mails back to pending, not sent again in
+    this cycle; 429 and 402 end the cycle, a 5xx lets it go on with the other e-mails;
+    in the end each is verified exactly once."""
     emails = addresses("u", 25)
     await bs.submit(emails)
     fault(bs.sim)
     with capture_logs() as logs:
         result = await bs.create()
-    assert (result.created, result.stopped) == ([], "failed")
     [failed] = [e for e in logs if e["event"] == "bouncer_create_failed"]
     assert (failed["http_status"], failed["released"], failed["maybe_charged"]) == (
         http_status, 10, False)
-    assert (await bs.statuses()) == {"pending": 25}
-    [abandoned] = await bs.batches()
+    abandoned = (await bs.batches())[0]
     assert (abandoned["status"], abandoned["bouncer_batch_id"]) == ("abandoned", None)
-    # No retry within the cycle: one call only.
-    assert bs.sim.calls["create"] == 1
+    assert result.failed == [abandoned["id"]]
+    if ends_cycle:
+        assert (result.created, result.stopped) == ([], "failed")
+        assert (await bs.statuses()) == {"pending": 25}
+        assert bs.sim.calls["create"] == 1
+    else:
+        # The other 15 went out in two batches; the 10 released wait for the next cycle.
+        assert (len(result.created), result.stopped) == (2, "slots")
+        assert (await bs.statuses()) == {"pending": 10, "assigned": 15}
+        assert bs.sim.calls["create"] == 3
     await bs.run_to_end()
     await assert_each_email_once(bs, emails)
 
@@ -84,12 +91,12 @@ async def test_lost_create_answer_loses_and_doubles_nothing(bs: BouncerStack) ->
     bs.sim.lose_create_response()
     with capture_logs() as logs:
         result = await bs.create()
-    assert result.stopped == "failed"
+    assert (len(result.failed), len(result.created)) == (1, 2)
     [failed] = [e for e in logs if e["event"] == "bouncer_create_failed"]
     assert (failed["maybe_charged"], failed["released"]) == (True, 10)
-    [lost] = bs.sim.batches()
+    lost = bs.sim.batches()[0]
     assert lost.response_lost
-    assert (await bs.statuses()) == {"pending": 25}
+    assert (await bs.statuses()) == {"pending": 10, "assigned": 15}
     await bs.run_to_end()
     await assert_each_email_once(bs, emails)
     # Bouncer holds the lost batch too (charged), but nothing of ours points at it.
@@ -161,7 +168,7 @@ async def test_answer_after_give_up_is_an_orphan_whose_results_are_ignored(
         claim.id)
     assert await release_stale(bs.ctx, "deliverable") == 10
     with capture_logs() as logs:
-        assert not await _send(bs.ctx, "deliverable", claim)
+        assert await _send(bs.ctx, "deliverable", claim) == "failed"
     [orphan] = [e for e in logs if e["event"] == "bouncer_batch_orphaned"]
     [sent] = bs.sim.batches()
     assert orphan["bouncer_batch_id"] == sent.batch_id

@@ -7,7 +7,14 @@ Each slot goes through intent → call → settlement:
    as needed), and the call recorded in the rate limiter;
 2. the create call, every e-mail named ``imsys:<our id>``;
 3. settlement: Bouncer's batch id stored ('processing'), or, when the call failed, the
-   batch abandoned and its e-mails pending again for the next cycle (no retry now).
+   batch abandoned and its e-mails pending again for the next cycle (no retry now), its
+   user batches back to 'queued' unless other batches hold e-mails of theirs.
+
+A failed create does not end the cycle (the seed: "continue with next batch if an
+individual API call fails"): the next slot takes *other* pending e-mails, never the ones
+just released ("do NOT retry failed batch creation attempts in same cycle"). Only a
+failure that every further call would meet too ends it: 429 (rate limited), 402 (no
+credit), 401/403 (our key refused), Bouncer not reachable at all.
 
 A create whose answer was lost (``maybe_applied``) is abandoned the same way: Bouncer has
 no endpoint listing batches, so its id can never be learnt. That batch may have been
@@ -23,12 +30,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import structlog
 
 from imsys.bouncer import repo
 from imsys.bouncer.context import BouncerContext, batch_name
-from imsys.providers.errors import OutOfCredits, ProviderError, ProviderUnavailable
+from imsys.providers.errors import (
+    OutOfCredits,
+    ProviderAuthError,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
 
 log = structlog.get_logger("imsys.bouncer")
 
@@ -40,10 +54,12 @@ class CycleResult:
     check_type: str
     created: list[int] = field(default_factory=list)
     emails: int = 0
-    # Why the cycle ended: capacity, empty, rate_limit, failed, or slots (all free
-    # slots used).
+    # Why the cycle ended: capacity, empty, rate_limit, failed (a failure every further
+    # call would meet too), or slots (all free slots tried).
     stopped: str = "slots"
     released: int = 0
+    # Our ids of the batches whose create failed in this cycle (abandoned).
+    failed: list[int] = field(default_factory=list)
 
 
 async def release_stale(ctx: BouncerContext, check_type: str) -> int:
@@ -68,24 +84,40 @@ async def create_batches(ctx: BouncerContext, check_type: str) -> CycleResult:
         async with ctx.db.acquire() as conn:
             claim = await repo.claim_batch(
                 conn, ctx.limiter, check_type, capacity=ctx.cfg.capacity,
-                size=ctx.cfg.batch_size,
+                size=ctx.cfg.batch_size, skip_released_from=result.failed,
             )
         if isinstance(claim, str):
             result.stopped = claim
             break
-        if not await _send(ctx, check_type, claim):
+        sent = await _send(ctx, check_type, claim)
+        if sent == "created":
+            result.created.append(claim.id)
+            result.emails += len(claim.emails)
+            continue
+        result.failed.append(claim.id)
+        if sent == "stop":
             result.stopped = "failed"
             break
-        result.created.append(claim.id)
-        result.emails += len(claim.emails)
-    if result.created or result.released or result.stopped == "failed":
+    if result.created or result.released or result.failed:
         log.info("bouncer_create_cycle", check_type=check_type, created=len(result.created),
-                 emails=result.emails, stopped=result.stopped, released=result.released)
+                 emails=result.emails, stopped=result.stopped, released=result.released,
+                 failed=len(result.failed))
     return result
 
 
-async def _send(ctx: BouncerContext, check_type: str, claim: repo.Claimed) -> bool:
-    """Create the claimed batch at Bouncer and settle the intent; False when it failed."""
+def _ends_cycle(exc: ProviderError) -> bool:
+    """A failure every further create would meet too, not one of this batch alone."""
+    if isinstance(exc, RateLimited | OutOfCredits | ProviderAuthError):
+        return True
+    # Not reached at all (refused, DNS): no answer, and nothing was sent.
+    return isinstance(exc, ProviderUnavailable) and exc.status is None and not exc.maybe_applied
+
+
+async def _send(
+    ctx: BouncerContext, check_type: str, claim: repo.Claimed
+) -> Literal["created", "failed", "stop"]:
+    """Create the claimed batch at Bouncer and settle the intent: ``created``, or
+    ``failed`` (the next slot may go on), or ``stop`` (the cycle should end)."""
     name = batch_name(claim.id)
     started = time.perf_counter()
     try:
@@ -106,7 +138,7 @@ async def _send(ctx: BouncerContext, check_type: str, claim: repo.Claimed) -> bo
             maybe_charged=maybe_charged,
             released=released,
         )
-        return False
+        return "stop" if _ends_cycle(exc) else "failed"
     if not await repo.settle_created(ctx.db, claim.id, created.batch_id):
         log.error(
             "bouncer_batch_orphaned",
@@ -116,7 +148,7 @@ async def _send(ctx: BouncerContext, check_type: str, claim: repo.Claimed) -> bo
             hint="answered after creating_timeout_s; its e-mails were re-queued and its"
             " results will be ignored",
         )
-        return False
+        return "failed"
     log.info(
         "bouncer_batch_created",
         batch=claim.id,
@@ -127,4 +159,4 @@ async def _send(ctx: BouncerContext, check_type: str, claim: repo.Claimed) -> bo
         duplicates=created.duplicates,
         ms=round((time.perf_counter() - started) * 1000, 1),
     )
-    return True
+    return "created"

@@ -8,6 +8,7 @@ circle: the creator's advisory locks, then a ``bouncer_batches`` row, then
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -46,7 +47,8 @@ FROM bouncer_submit s JOIN emails_global g ON g.email = s.canonical
 ORDER BY s.ord
 """
 
-# Oldest user batch first, then submission order. SKIP LOCKED: rows another creator is
+# Oldest user batch first, then submission order, leaving out e-mails released by the
+# creates that failed in this cycle ($4: their batch ids). SKIP LOCKED: rows another creator is
 # taking right now are left to it, never waited for and never taken twice. The update
 # finds the picked rows by id lookups (= ANY of an array): joined to the CTE instead,
 # the planner merged with a scan of the primary key from its start, which grows as the
@@ -56,6 +58,7 @@ WITH picked AS (
     SELECT e.id
     FROM user_batch_emails e JOIN user_batches u ON u.id = e.user_batch_id
     WHERE e.status = 'pending' AND u.check_type = $1 AND u.status IN ('queued', 'processing')
+      AND NOT (coalesce(e.released_from, 0) = ANY($4::bigint[]))
     ORDER BY u.created_at, u.id, e.id
     LIMIT $2
     FOR UPDATE OF e SKIP LOCKED
@@ -87,6 +90,23 @@ WHERE u.id = c.id
 """
 
 
+# After a failed create: its user batches that have nothing in Bouncer's hands and nothing
+# settled go back to 'queued'. Settled e-mails show in the counts; e-mails in other
+# batches are found through the open batches (a few), never by scanning a user batch's
+# e-mails (there is no index for that: it would cost a scan of the whole table).
+REQUEUE_USER_BATCHES = """
+UPDATE user_batches u SET status = 'queued'
+WHERE u.id = ANY($1::bigint[]) AND u.status = 'processing'
+  AND u.processed = 0 AND u.failed = 0
+  AND u.id NOT IN (
+    SELECT e.user_batch_id
+    FROM bouncer_batches b JOIN user_batch_emails e ON e.bouncer_batch_id = b.id
+    WHERE b.status IN ('creating', 'processing', 'completed')
+      AND e.user_batch_id = ANY($1::bigint[])
+  )
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A Bouncer batch whose intent is committed: our id and the e-mails assigned to it."""
@@ -103,11 +123,6 @@ class Outstanding:
     status: str
     age_s: float
     download_attempts: int
-
-
-def _count(status: str) -> int:
-    """Rows touched, from a command tag such as ``UPDATE 42``."""
-    return int(status.rsplit(" ", 1)[-1])
 
 
 # --- user batches -----------------------------------------------------------------------------
@@ -182,13 +197,21 @@ async def add_counts(conn: Conn, done: Counter[int], failed: Counter[int]) -> No
 
 
 async def claim_batch(
-    conn: Conn, limiter: RateLimiter, check_type: str, *, capacity: int, size: int
+    conn: Conn,
+    limiter: RateLimiter,
+    check_type: str,
+    *,
+    capacity: int,
+    size: int,
+    skip_released_from: Sequence[int] = (),
 ) -> Claimed | str:
     """Record the intent of one Bouncer batch and commit it, or say why not.
 
     Returns the claim, or ``"capacity"``, ``"rate_limit"`` or ``"empty"``. The capacity
     count and the pick run under a per-check-type lock, so two processes never exceed
     the capacity together; the rate-limit slot is recorded in the same transaction.
+    E-mails released by the batches ``skip_released_from`` (creates that failed in this
+    cycle) are not picked: they wait for the next cycle.
     """
     tr = conn.transaction()
     await tr.start()
@@ -209,7 +232,7 @@ async def claim_batch(
             "INSERT INTO bouncer_batches (check_type, quantity) VALUES ($1, 0) RETURNING id",
             check_type,
         )
-        rows = await conn.fetch(PICK, check_type, size, batch_id)
+        rows = await conn.fetch(PICK, check_type, size, batch_id, list(skip_released_from))
         if not rows:
             # Nothing to send: the batch row and the recorded call go too.
             await tr.rollback()
@@ -244,7 +267,10 @@ async def settle_created(db: Executor, batch_id: int, bouncer_batch_id: str) -> 
 async def release(db: asyncpg.Pool, batch_id: int, error: str) -> int | None:
     """Give up a create: the batch is abandoned, its e-mails pending again.
 
-    Returns how many e-mails went back, or None when the batch was no longer 'creating'
+    A user batch the claim had moved to 'processing' goes back to 'queued' when none of
+    its e-mails is left in a Bouncer batch or settled (the seed: a failed creation leaves
+    user batches 'queued'); one with e-mails in another batch stays 'processing'. Returns
+    how many e-mails went back, or None when the batch was no longer 'creating'
     (settled, or released by someone else).
     """
     async with db.acquire() as conn, conn.transaction():
@@ -256,13 +282,17 @@ async def release(db: asyncpg.Pool, batch_id: int, error: str) -> int | None:
         )
         if found is None:
             return None
-        return _count(
-            await conn.execute(
-                "UPDATE user_batch_emails SET status = 'pending', bouncer_batch_id = NULL"
-                " WHERE bouncer_batch_id = $1 AND status = 'assigned'",
-                batch_id,
-            )
+        rows = await conn.fetch(
+            "UPDATE user_batch_emails SET status = 'pending', bouncer_batch_id = NULL,"
+            " released_from = $1 WHERE bouncer_batch_id = $1 AND status = 'assigned'"
+            " RETURNING user_batch_id",
+            batch_id,
         )
+        user_batch_ids = sorted({r["user_batch_id"] for r in rows})
+        if user_batch_ids:
+            await conn.execute(LOCK_USER_BATCHES, user_batch_ids)
+            await conn.execute(REQUEUE_USER_BATCHES, user_batch_ids)
+        return len(rows)
 
 
 async def stale_creating(db: Executor, check_type: str, older_than_s: float) -> list[int]:

@@ -10,12 +10,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
 if TYPE_CHECKING:
-    from imsys.chaos.bed import Bed
+    from imsys.chaos.servers import Reaper
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -41,10 +41,21 @@ async def must(check: Callable[[], Awaitable[bool]], limit: float, what: str) ->
     return took
 
 
+class Host(Protocol):
+    """What a `Service` needs of whoever runs it (the chaos `Bed`, the sync benchmark):
+    a folder for its log, a name to put in it, the reaper, and a way to call its API."""
+
+    root: Path
+    scenario_name: str
+    reaper: Reaper
+
+    async def call(self, svc: Service, method: str, path: str) -> tuple[int, Any]: ...
+
+
 class Service:
     """One `python -m imsys run` child with its own HTTP port and log file."""
 
-    def __init__(self, bed: Bed, name: str, env: dict[str, str]) -> None:
+    def __init__(self, bed: Host, name: str, env: dict[str, str]) -> None:
         self.bed, self.name, self.env = bed, name, env
         self.port = int(env["IMSYS_HTTP__PORT"])
         self.log = bed.root / f"{bed.scenario_name}-{name}-{secrets.token_hex(2)}.log"

@@ -356,6 +356,7 @@ class RouterOSSimulator(ApiResponder):
                 if not words:
                     continue
                 self.commands.append(CommandRecord(conn.number, redact(words)))
+                self.command_counts[words[0]] += 1
                 await self._unstalled.wait()
                 if conn.closed:
                     return

@@ -80,6 +80,10 @@ class ApiResponder(abc.ABC):
         self.sensitive = True
         # Applied writes (add/set/remove/enable/disable/unset) per menu path.
         self.writes: Counter[str] = Counter()
+        # Sentences received per command word (`/ppp/secret/print`, `/login`, ...): the
+        # API load a router carries, read without walking `commands` (which a long run
+        # may clear).
+        self.command_counts: Counter[str] = Counter()
         self.commands: list[CommandRecord] = []
         self._drop: DropRule | None = None
         self._fatal: str | None = None

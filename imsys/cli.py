@@ -79,7 +79,6 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--timeout", type=float, default=1800.0, help="longest wait per phase (s)")
     bs.add_argument("--keep", action="store_true", help="keep the database, keys and logs")
 
-
     s = sub.add_parser("sim", help="run a simulator standalone")
     s.add_argument("which", choices=("routeros", "bouncer", "gateway"))
     s.add_argument("--host", default="127.0.0.1")

@@ -23,6 +23,7 @@ from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
 from imsys.http.openapi import Query, Routes
 from imsys.network import bulk, models, service
+from imsys.sync import wireless
 from imsys.sync.service import package_changed, subscriber_changed, subscribers_created
 
 
@@ -150,7 +151,9 @@ async def post_subscribers_bulk(request: web.Request) -> web.Response:
 
 
 async def get_subscriber(request: web.Request) -> web.Response:
-    return json_response(await service.get_subscriber(request.app[DEPS].db, int_param(request)))
+    row = await service.get_subscriber(request.app[DEPS].db, int_param(request))
+    await wireless.attach(request.app[DEPS].db, [row])
+    return json_response(row)
 
 
 async def get_subscribers(request: web.Request) -> web.Response:
@@ -171,6 +174,7 @@ async def get_subscribers(request: web.Request) -> web.Response:
         limit=limit,
         offset=offset,
     )
+    await wireless.attach(request.app[DEPS].db, rows["subscribers"])
     return json_response(rows)
 
 

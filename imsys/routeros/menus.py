@@ -16,6 +16,11 @@ HOTSPOT_USER: Final = "/ip/hotspot/user"
 HOTSPOT_ACTIVE: Final = "/ip/hotspot/active"
 HOTSPOT_USER_PROFILE: Final = "/ip/hotspot/user/profile"
 SYSTEM_RESOURCE: Final = "/system/resource"
+# Stations associated with the router's radios: the legacy `wireless` package (RouterOS 6,
+# and 7 where installed) and the `wifi` menu (RouterOS 7.13+, wifi-qcom / wifi-qcom-ac).
+# A router without the package answers "no such command or directory".
+WIRELESS_REGISTRATION: Final = "/interface/wireless/registration-table"
+WIFI_REGISTRATION: Final = "/interface/wifi/registration-table"
 SYSTEM_REBOOT: Final = "/system/reboot"
 
 # Where a subscriber's login lives, by service (PPPoE secret or hotspot user).

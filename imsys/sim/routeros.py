@@ -25,8 +25,9 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from imsys.sim import routeros_sessions
+from imsys.sim import routeros_sessions, routeros_wireless
 from imsys.sim.routeros_api import (
     ApiResponder,
     CommandRecord,
@@ -58,8 +59,15 @@ class RouterOSSimulator(ApiResponder):
         reboot_downtime: float = 0.0,
         sensitive: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        packages: Sequence[str] | None = None,
     ) -> None:
         super().__init__(RouterState(clock=clock), username, password)
+        # Optional packages (`wireless`, `wifi-qcom`, `wifi-qcom-ac`): which wireless
+        # menus exist. Left out: `wireless` on RouterOS 6, none on 7.
+        installed = None if packages is None else frozenset(packages)
+        self.state.packages = routeros_wireless.check_packages(
+            version, routeros_wireless.default_packages(version) if installed is None else installed
+        )
         # The RouterOS version: /system/resource prints it, and from 7.18 on an empty
         # print answers `!empty` (unless `empty_reply` says otherwise).
         self.version = version
@@ -315,6 +323,26 @@ class RouterOSSimulator(ApiResponder):
             check=check,
         )
 
+    def associate_wireless(self, mac_address: str, **fields: Any) -> str:
+        """A station (a subscriber's device, e.g. the CPE whose MAC is the PPPoE
+        caller-id) associates with a radio: a registration-table entry; returns its `.id`.
+        Keywords: see `routeros_wireless.associate` (menu, signal, tx_ccq, tx_rate...)."""
+        return routeros_wireless.associate(self.state, mac_address, **fields)
+
+    def disassociate_wireless(self, mac_address: str) -> int:
+        """The station leaves the registration table; returns how many entries went."""
+        return routeros_wireless.disassociate(self.state, mac_address)
+
+    @property
+    def packages(self) -> frozenset[str]:
+        """Optional packages installed: `wireless` (/interface/wireless), `wifi-qcom` or
+        `wifi-qcom-ac` (/interface/wifi, RouterOS 7.13+)."""
+        return self.state.packages
+
+    @packages.setter
+    def packages(self, names: frozenset[str]) -> None:
+        self.state.packages = routeros_wireless.check_packages(self.version, frozenset(names))
+
     def disconnect_session(self, name: str) -> int:
         """The PPP subscriber hangs up by themselves; returns how many sessions ended."""
         return self.state.end_sessions("/ppp/active", name)
@@ -386,6 +414,7 @@ async def serve(
     profiles: Sequence[str] = (),
     version: str = DEFAULT_VERSION,
     sensitive: bool = True,
+    packages: Sequence[str] | None = None,
 ) -> None:
     """Run a simulator until cancelled (the `sim routeros` command)."""
     sim = RouterOSSimulator(
@@ -394,6 +423,7 @@ async def serve(
         ssl_context=ssl_context,
         version=version,
         sensitive=sensitive,
+        packages=packages,
     )
     for profile in profiles:
         sim.add_item("/ppp/profile", name=profile)
@@ -441,6 +471,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="model an API user without the `sensitive` policy: prints omit passwords",
     )
+    parser.add_argument(
+        "--package",
+        action="append",
+        default=None,
+        choices=sorted(routeros_wireless.KNOWN_PACKAGES),
+        help="optional package installed (repeatable; default: wireless on 6.x, none on 7.x)",
+    )
     options = parser.parse_args(argv)
     context: ssl.SSLContext | None = None
     if options.tls_cert:
@@ -458,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profiles=options.profile,
                 version=options.version,
                 sensitive=not options.no_sensitive,
+                packages=options.package,
             )
         )
     return 0

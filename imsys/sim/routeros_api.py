@@ -139,7 +139,7 @@ class ApiResponder(abc.ABC):
             self._reboot_now()
             return None
         path, _, verb = command.rpartition("/")
-        if path not in MENUS:
+        if path not in MENUS or not self.state.has_menu(path):
             # RouterOS sends two traps here, so librouteros raises MultiTrapError.
             missing = Trap(
                 f"no such command or directory ({unknown_segment(command)})",

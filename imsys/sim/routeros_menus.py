@@ -125,6 +125,9 @@ class MenuSpec:
     # First .id number. Dynamic entries on a router get high ids (*81000001...), which
     # also keeps an id from one menu from naming an item in another here.
     first_id: int = 1
+    # Packages any one of which brings this menu (empty: every router has it). A router
+    # without them answers a print as it answers any unknown path.
+    packages: frozenset[str] = frozenset()
 
     @property
     def names_as_ids(self) -> bool:
@@ -272,6 +275,34 @@ QUEUE_SIMPLE = MenuSpec(
     auto_name="queue",
 )
 
+# The registration tables: stations associated with the router's radios, read-only,
+# `remove` de-authenticates one. Fields and formats from MikroTik's "Wireless Interface"
+# and "WiFi" manuals and the v7 command reference; a v6 API print of the legacy table
+# gives e.g. `signal-strength=-65dBm@6Mbps`, `tx-ccq=91`, `tx-rate=144.4Mbps-20MHz/2S/SGI`,
+# `last-activity=4s750ms`; the wifi table gives `signal=-45` (dBm) and no CCQ.
+WIRELESS_REGISTRATION = MenuSpec(
+    path="/interface/wireless/registration-table",
+    commands=SESSION_COMMANDS,
+    session=True,
+    first_id=0x83000001,
+    key="mac-address",
+    booleans=frozenset(
+        {"ap", "wds", "bridge", "802.1x-port-enabled", "wmm-enabled", "management-protection"}
+    ),
+    packages=frozenset({"wireless"}),
+)
+
+WIFI_REGISTRATION = MenuSpec(
+    path="/interface/wifi/registration-table",
+    commands=SESSION_COMMANDS,
+    session=True,
+    first_id=0x84000001,
+    key="mac-address",
+    booleans=frozenset({"authorized"}),
+    # RouterOS 7.13 and later; the driver package depends on the radio's chipset.
+    packages=frozenset({"wifi-qcom", "wifi-qcom-ac"}),
+)
+
 SYSTEM_RESOURCE = MenuSpec(
     path="/system/resource",
     commands=READ_ONLY_COMMANDS,
@@ -299,6 +330,8 @@ MENUS: Final[Mapping[str, MenuSpec]] = {
         QUEUE_SIMPLE,
         SYSTEM_RESOURCE,
         SYSTEM_IDENTITY,
+        WIRELESS_REGISTRATION,
+        WIFI_REGISTRATION,
     )
 }
 

@@ -82,6 +82,8 @@ class RouterState:
             "/system/identity": {"name": "MikroTik"},
         }
         self._hosts = 1
+        # Optional packages installed (`wireless`, `wifi-qcom`...): which menus exist.
+        self.packages: frozenset[str] = frozenset()
         self.boot_time = clock()
         self.boots = 0
         # A removed /ppp/active or /ip/hotspot/active entry stays (the remove still
@@ -153,6 +155,11 @@ class RouterState:
         return sorted(found.values(), key=lambda item: item.order)
 
     # -- reading -------------------------------------------------------------------
+
+    def has_menu(self, path: str) -> bool:
+        """Whether this router has the menu: the base system's, or one of its packages'."""
+        needs = MENUS[path].packages
+        return not needs or not needs.isdisjoint(self.packages)
 
     def rows(self, menu: str) -> list[dict[str, str]]:
         spec = MENUS[menu_path(menu)]

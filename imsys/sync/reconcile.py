@@ -25,7 +25,7 @@ from imsys.errors import PermanentError
 from imsys.routeros import RouterError
 from imsys.routeros.menus import LOGIN_BY_SERVICE
 from imsys.streams.job import Job
-from imsys.sync import repo
+from imsys.sync import repo, wireless
 from imsys.sync.context import SyncContext
 from imsys.sync.desired import Plan, parse_marker, plan
 from imsys.sync.handlers import (
@@ -439,6 +439,7 @@ async def router_facts(ctx: SyncContext, router: Any) -> None:
             res = await ros.resource()
             ppp = await ros.active_ppp(None)
             hs = await ros.active_hotspot(None)
+            await wireless.poll_router(ctx.db, ros, router["id"], ppp, hs)
     except RouterError as exc:
         await ctx.circuit.failure(router["id"])
         await router_went_offline(ctx, router["id"], str(exc))

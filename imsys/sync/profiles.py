@@ -20,6 +20,7 @@ Profiles imsys did not make (untagged) are used as they are and never changed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -101,10 +102,18 @@ async def tenant_profiles(db: Executor, tenant_id: int) -> dict[str, str | None]
 
 
 async def align_profiles(
-    ros: RouterSession, wanted: dict[str, str | None], tag: str, audit: Auditor
+    ros: RouterSession,
+    wanted: dict[str, str | None],
+    tag: str,
+    audit: Auditor,
+    *,
+    in_use: Mapping[str, set[str]] | None = None,
 ) -> dict[str, Any]:
     """Every wanted profile in both menus with its rate; tagged profiles no package wants
-    and no login uses removed. Returns what it did, by action."""
+    and no login uses removed. Returns what it did, by action.
+
+    ``in_use``: the profiles the logins name, by login menu, when the caller has just read
+    them (reconciliation): a menu found there is not read again."""
     done: dict[str, Any] = {"added": [], "set": [], "removed": []}
     for service, menu in PROFILE_BY_SERVICE.items():
         entries = await ros.print(menu)
@@ -120,8 +129,12 @@ async def align_profiles(
         orphans = orphan_profiles(entries, set(wanted), set(), tag)
         if not orphans:
             continue
-        logins = await ros.print(LOGIN_BY_SERVICE[service], proplist=["profile"])
-        used = {str(e.get("profile", "")) for e in logins}
+        login_menu = LOGIN_BY_SERVICE[service]
+        if in_use is not None and login_menu in in_use:
+            used = in_use[login_menu]
+        else:
+            logins = await ros.print(login_menu, proplist=["profile"])
+            used = {str(e.get("profile", "")) for e in logins}
         for item_id, name in orphan_profiles(entries, set(wanted), used, tag):
             await audit.run(
                 f"remove {menu}", {"id": item_id, "name": name}, partial(ros.remove, menu, item_id)

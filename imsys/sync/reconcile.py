@@ -1,20 +1,23 @@
 """Reconciliation, the expiry sweep and router facts: finding drift, never forcing it.
 
-Reconciliation reads each menu once, diffs against the database and enqueues the same
-``sync_subscriber`` job for every drifted subscriber; managed entries the database no
-longer knows are removed. The mass-disconnect guard holds the disconnections of a sweep
-or reconciliation that would cut off too many of one router's subscribers at once; the
-rest of the work (new subscribers, reconnects, package changes) goes ahead. What it holds
-is kept on the router row (``guard_held``, per cause) for the dashboard and the API until
-an operator confirms, and announced once as the backend event ``router_guard_tripped``.
+Reconciliation reads each menu once (a login menu limited to the fields the diff
+compares), diffs against the database (one query) and enqueues the same
+``sync_subscriber`` job for every drifted subscriber (one statement); managed entries the
+database no longer knows are removed. The pure part, the diff, is ``reconcile_plan``'s.
+
+The mass-disconnect guard holds the disconnections of a sweep or reconciliation that
+would cut off too many of one router's subscribers at once; the rest of the work (new
+subscribers, reconnects, package changes) goes ahead. What it holds is kept on the router
+row (``guard_held``, per cause) for the dashboard and the API until an operator confirms,
+and announced once as the backend event ``router_guard_tripped``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import contextlib
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -22,12 +25,12 @@ import structlog
 from imsys import outbox
 from imsys.deps import Deps
 from imsys.errors import PermanentError
-from imsys.routeros import RouterError
+from imsys.routeros import RouterError, RouterSession
 from imsys.routeros.menus import LOGIN_BY_SERVICE
 from imsys.streams.job import Job
 from imsys.sync import repo, wireless
 from imsys.sync.context import SyncContext
-from imsys.sync.desired import Plan, parse_marker, plan
+from imsys.sync.desired import Desired
 from imsys.sync.handlers import (
     Auditor,
     router_came_online,
@@ -45,134 +48,81 @@ from imsys.sync.jobs import (
     reconcile_job_id,
     sync_job_id,
 )
-from imsys.sync.profile_job import align_router_profiles
+from imsys.sync.profiles import align_profiles, tenant_profiles
+from imsys.sync.reconcile_plan import (
+    HELD_SHOWN,
+    LOGIN_PROPLIST,
+    Known,
+    RouterPlan,
+    diff,
+    guard_verdict,
+    profiles_in_use,
+)
+
+if TYPE_CHECKING:
+    from imsys.db import Executor
 
 log = structlog.get_logger("imsys.sync")
 
-# Commands of held changes kept on the router row (the ids are always kept in full).
-HELD_SHOWN = 50
+# Every subscriber of one router, deleted ones included (their entries go), with only what
+# the diff needs: one query, no per-row work beyond building the intent.
+KNOWN = """
+SELECT s.id, s.username, s.password, s.service, s.is_suspended OR s.deleted_at IS NOT NULL,
+       s.deleted_at IS NULL, p.profile, s.router_password_hash, s.sync_status,
+       s.kick_required, s.blocked_version IS NOT DISTINCT FROM s.desired_version
+FROM subscribers s JOIN packages p ON p.id = s.package_id
+WHERE s.router_id = $1
+"""
 
 
-@dataclass
-class RouterPlan:
-    """What reconciliation would do on one router."""
+async def load_known(db: Executor, router_id: int) -> list[Known]:
+    rows = await db.fetch(KNOWN, router_id)
+    return [
+        Known(r[0], Desired(r[0], r[1], r[2], r[3], r[6], r[4], r[5], r[7]), r[8], r[9], r[10])
+        for r in rows
+    ]
 
-    router_id: int
-    managed_entries: int
-    subscribers: int
-    drifted: list[tuple[int, Plan]] = field(default_factory=list)
-    pending: list[int] = field(default_factory=list)
-    # Subscribers with a change of their own on its way (sync_status 'pending'): their
-    # job carries it out whatever reconciliation decides, so the guard does not count it.
-    intended: set[int] = field(default_factory=set)
-    orphans: list[tuple[str, str, str]] = field(default_factory=list)  # (menu, id, name)
-    # Subscribers an unmanaged twin still blocks: left alone until they change or the
-    # router is adopted (``sync.adopt``).
-    blocked: list[int] = field(default_factory=list)
-    guard: str | None = None
 
-    def cuts(self) -> list[tuple[int, Plan]]:
-        """The drift that would cut a subscriber off, not counting those with a change of
-        their own on its way (the guard's business)."""
-        return [(sid, p) for sid, p in self.drifted if p.disables and sid not in self.intended]
-
-    def cutting(self) -> int:
-        return len(self.cuts()) + len(self.orphans)
-
-    def held(self) -> dict[str, Any]:
-        """What a tripped guard holds: the disconnections only (ids in full, commands of
-        the first HELD_SHOWN, enough for an operator to judge)."""
-        cuts = self.cuts()
-        return {
-            "reason": self.guard,
-            "would_disconnect": self.cutting(),
-            "subscribers": max(self.subscribers, self.managed_entries),
-            "subscriber_ids": [sid for sid, _ in cuts],
-            "changes": [
-                {"subscriber_id": sid, "commands": p.describe()} for sid, p in cuts[:HELD_SHOWN]
-            ],
-            "remove_unknown": [
-                {"menu": m, "id": i, "name": n} for m, i, n in self.orphans[:HELD_SHOWN]
-            ],
+async def read_router(
+    ctx: SyncContext, ros: RouterSession, router_id: int
+) -> tuple[list[Known], dict[str, list[dict[str, str]]]]:
+    """The router's subscribers and its login entries: one query and one print per login
+    menu, limited to the fields the diff compares; the query runs while the router
+    answers."""
+    known = asyncio.ensure_future(load_known(ctx.db, router_id))
+    try:
+        menus = {
+            menu: await ros.print(menu, proplist=list(LOGIN_PROPLIST))
+            for menu in LOGIN_BY_SERVICE.values()
         }
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "router_id": self.router_id,
-            "subscribers": self.subscribers,
-            "managed_entries": self.managed_entries,
-            "changes": [
-                {"subscriber_id": sid, "commands": p.describe()} for sid, p in self.drifted
-            ],
-            "pending_syncs": self.pending,
-            "blocked": self.blocked,
-            "remove_unknown": [{"menu": m, "id": i, "name": n} for m, i, n in self.orphans],
-            "would_disconnect": self.cutting(),
-            "guard": self.guard,
-        }
+    except BaseException:
+        known.cancel()
+        with contextlib.suppress(BaseException):
+            await known
+        raise
+    return await known, menus
 
 
-def guard_verdict(
-    ctx: SyncContext, *, cutting: int, total: int, share: float, overridden: bool
-) -> str | None:
-    """Why the guard stops this change, or None when it may go ahead."""
-    if overridden or cutting <= ctx.settings.sync.guard_min_count:
-        return None
-    if cutting > share * max(total, 1):
-        return (
-            f"would cut off {cutting} of {total} subscribers "
-            f"(over {share:.0%}); an operator must confirm"
-        )
-    return None
+async def verdict(ctx: SyncContext, router: Any, result: RouterPlan) -> str | None:
+    """The guard's verdict on ``result`` under the router's tenant's share."""
+    share = await ctx.db.fetchval(
+        "SELECT max_disconnect_share::float FROM tenants WHERE id = $1", router["tenant_id"]
+    )
+    return guard_verdict(
+        ctx.settings.sync.guard_min_count,
+        cutting=result.cutting(),
+        total=max(result.subscribers, result.managed_entries),
+        share=share,
+        overridden=bool(router["guard_overridden"]),
+    )
 
 
 async def build_plan(ctx: SyncContext, router: Any) -> RouterPlan:
-    tag = ctx.settings.sync.comment_tag
-    subs = {s.id: s for s in await repo.router_subscribers(ctx.db, router["id"])}
+    """What reconciliation would do on ``router`` now: reads only."""
     async with router_session(ctx, router) as ros:
-        menus = {menu: await ros.print(menu) for menu in LOGIN_BY_SERVICE.values()}
-    found: dict[int, dict[str, list[dict[str, str]]]] = {}
-    unmanaged = {
-        (menu, str(e.get("name", "")))
-        for menu, entries in menus.items()
-        for e in entries
-        if parse_marker(tag, e.get("comment")) is None
-    }
-    result = RouterPlan(router["id"], 0, sum(1 for s in subs.values() if s.desired.present))
-    for menu, entries in menus.items():
-        for entry in entries:
-            sid = parse_marker(tag, entry.get("comment"))
-            if sid is None:
-                continue  # not ours: never touched
-            result.managed_entries += 1
-            if sid not in subs:
-                result.orphans.append((menu, entry[".id"], entry.get("name", "")))
-            else:
-                found.setdefault(sid, {m: [] for m in LOGIN_BY_SERVICE.values()})[menu].append(
-                    entry
-                )
-    for sid, sub in subs.items():
-        if sub.blocked and (sub.desired.menu(), sub.desired.username) in unmanaged:
-            result.blocked.append(sid)  # nothing changed since its sync said so
-            continue
-        if sub.sync_status == "pending":
-            result.intended.add(sid)
-        managed = found.get(sid, {m: [] for m in LOGIN_BY_SERVICE.values()})
-        p = plan(sub.desired, managed, tag)
-        if not p.empty:
-            result.drifted.append((sid, p))
-        elif sub.sync_status != "synced" or sub.kick_required:
-            result.pending.append(sid)
-    tenant_share = await ctx.db.fetchval(
-        "SELECT max_disconnect_share::float FROM tenants WHERE id = $1", router["tenant_id"]
-    )
-    result.guard = guard_verdict(
-        ctx,
-        cutting=result.cutting(),
-        total=max(result.subscribers, result.managed_entries),
-        share=tenant_share,
-        overridden=bool(router["guard_overridden"]),
-    )
+        known, menus = await read_router(ctx, ros, router["id"])
+    result = diff(router["id"], ctx.settings.sync.comment_tag, known, menus)
+    result.guard = await verdict(ctx, router, result)
     return result
 
 
@@ -281,9 +231,28 @@ async def sync_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
     if router is None:
         raise PermanentError(f"router {job.payload.router_id} does not exist")
     correlation = job.payload.correlation_id or f"reconcile:{router['id']}:{job.id}"
-    # Profiles first: drifted rates re-set, missing ones added, unused orphans removed.
-    await align_router_profiles(ctx, router, job, correlation, "reconciliation")
-    result = await build_plan(ctx, router)
+    tag = ctx.settings.sync.comment_tag
+    audit = Auditor(
+        ctx,
+        job,
+        correlations=[correlation],
+        cause="reconciliation",
+        tenant_id=router["tenant_id"],
+        router_id=router["id"],
+        subscriber_id=None,
+    )
+    wanted = await tenant_profiles(ctx.db, router["tenant_id"])
+    async with router_session(ctx, router, job) as ros:
+        known, menus = await read_router(ctx, ros, router["id"])
+        # Profiles before any sync is queued: drifted rates re-set, missing ones added,
+        # unused orphans removed (in use: by the logins just read, not read again).
+        aligned = await align_profiles(ros, wanted, tag, audit, in_use=profiles_in_use(menus))
+    if any(aligned.values()):
+        log.info(
+            "router_profiles_aligned", router_id=router["id"], cause="reconciliation", **aligned
+        )
+    result = diff(router["id"], tag, known, menus)
+    result.guard = await verdict(ctx, router, result)
     held: set[int] = set()
     orphans = result.orphans
     if result.guard:
@@ -294,15 +263,6 @@ async def sync_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
     else:
         await release_guard(ctx, "reconciliation", router_id=router["id"])
     if orphans:
-        audit = Auditor(
-            ctx,
-            job,
-            correlations=[correlation],
-            cause="reconciliation",
-            tenant_id=router["tenant_id"],
-            router_id=router["id"],
-            subscriber_id=None,
-        )
         async with router_session(ctx, router, job) as ros:
             for menu, item_id, name in orphans:
                 await audit.run(
@@ -373,7 +333,7 @@ async def expire_tenant(ctx: SyncContext, job: Job[ExpireTenant]) -> None:
     tripped: list[int] = []
     for row in rows:
         reason = guard_verdict(
-            ctx,
+            ctx.settings.sync.guard_min_count,
             cutting=len(row["due"]),
             total=row["total"],
             share=tenant["share"],

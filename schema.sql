@@ -498,29 +498,3 @@ ALTER TABLE subscribers ALTER COLUMN router_entries SET DEFAULT '{}'::jsonb;
 -- no entry anywhere yet: '{}'.
 ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_entries jsonb;
 ALTER TABLE subscribers ALTER COLUMN router_entries SET DEFAULT '{}'::jsonb;
-
--- === Signal strength (imsys/sync/wireless.py) ===
--- The subscriber's device as a station in its router's wireless registration table,
--- matched by the session's MAC (PPPoE caller-id, hotspot mac-address) at each router
--- facts poll: the hardware is the master of these values, stored as the router printed
--- them (signal_dbm parsed from signal). One row per subscriber; a station that left keeps
--- its last reading with associated false, and last_seen_at says when it was last seen.
-CREATE TABLE IF NOT EXISTS subscriber_wireless (
-    subscriber_id bigint PRIMARY KEY REFERENCES subscribers(id),
-    router_id     bigint NOT NULL REFERENCES routers(id) ON DELETE CASCADE,
-    mac_address   text NOT NULL,
-    source        text NOT NULL CHECK (source IN ('wireless', 'wifi')),
-    interface     text,
-    signal        text,
-    signal_dbm    integer,
-    tx_ccq        integer,
-    rx_ccq        integer,
-    tx_rate       text,
-    rx_rate       text,
-    uptime        text,
-    last_activity text,
-    associated    boolean NOT NULL DEFAULT true,
-    last_seen_at  timestamptz NOT NULL
-);
-CREATE INDEX IF NOT EXISTS subscriber_wireless_router
-    ON subscriber_wireless (router_id) WHERE associated;

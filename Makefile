@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := check
-.PHONY: check install services browser migrate run test lint bench bench-peers clean
+.PHONY: check install services browser node-example migrate run test lint bench bench-peers clean
 
 check: lint test
 
@@ -25,6 +25,10 @@ services:
 browser:
 	bash scripts/browser.sh
 
+# The Node example's packages (examples/node), for its test.
+node-example:
+	bash scripts/node_example.sh
+
 migrate: install services
 	$(PY) -m imsys migrate
 
@@ -33,7 +37,7 @@ IMSYS_DEMO__ENABLED ?= true
 run: migrate
 	IMSYS_DEMO__ENABLED=$(IMSYS_DEMO__ENABLED) $(PY) -m imsys run
 
-test: install services browser
+test: install services browser node-example
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -45,7 +45,8 @@ lint: install
 	$(VENV)/bin/mypy imsys
 
 # Both workloads of the design card, 5 runs each, then the medians (BENCH_RUNS=n to change;
-# BENCH_MILLION=1 adds the 1,000,000-job memory run).
+# BENCH_MILLION=1 adds the 1,000,000-job memory run); then `bench sync` 3 times each at
+# 1 x 10,000 and 10 x 10,000 subscribers, with their medians (BENCH_SYNC=0 skips them).
 BENCH_RUNS ?= 5
 bench: install services
 	$(PY) scripts/bench_median.py $(BENCH_RUNS)

@@ -3,6 +3,10 @@
 Usage: bench_median.py [RUNS]   (default 5). Workloads are the design card's two:
 no-op at concurrency 50 over 20,000 jobs, and 10 ms jobs at concurrency 100 over 5,000.
 Set BENCH_MILLION=1 to add the 1,000,000-job memory run.
+
+Then ``python -m imsys bench sync`` 3 times each for 1 router x 10,000 subscribers and
+10 routers x 10,000 (BENCH_SYNC=0 skips them), with one summary line of per-field
+medians each (peak RSS: the largest).
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import os
 import statistics
 import subprocess
 import sys
+from typing import Any
 
 WORKLOADS = [(20_000, 0.0, 50), (5_000, 0.01, 100)]
+SYNC_WORKLOADS = [(1, 10_000), (10, 10_000)]
+SYNC_RUNS = 3
 
 
 def run(jobs: int, sleep: float, concurrency: int) -> dict[str, float]:
@@ -23,6 +30,32 @@ def run(jobs: int, sleep: float, concurrency: int) -> dict[str, float]:
         check=True, capture_output=True, text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def run_sync(routers: int, subscribers: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "imsys", "bench", "sync", "--routers", str(routers),
+         "--subscribers", str(subscribers)],
+        check=True, stdout=subprocess.PIPE, text=True,  # progress stays on stderr
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def sync_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-field medians of the numeric figures (peak RSS: the largest), and of each
+    command kind."""
+    first = results[0]
+    summary: dict[str, Any] = {"system": "imsys", "bench": "sync", "summary": "median",
+                               "runs": len(results)}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            summary[key] = {k: statistics.median(r[key].get(k, 0) for r in results)
+                            for k in value}
+        elif key == "peak_rss_mb":
+            summary[key] = max(r[key] for r in results)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            summary[key] = statistics.median(r[key] for r in results)
+    return summary
 
 
 def main() -> None:
@@ -47,6 +80,13 @@ def main() -> None:
             "stream_length_after": max(r["stream_length_after"] for r in results),
         }
         print(json.dumps(summary), flush=True)
+    if os.environ.get("BENCH_SYNC", "1") == "0":
+        return
+    for routers, subscribers in SYNC_WORKLOADS:
+        results = [run_sync(routers, subscribers) for _ in range(SYNC_RUNS)]
+        for r in results:
+            print(json.dumps(r))
+        print(json.dumps(sync_summary(results)), flush=True)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="routeros: serve API-SSL with a fresh self-signed certificate (prints its SHA-256)",
     )
+    s.add_argument(
+        "--package",
+        action="append",
+        metavar="NAME",
+        help="routeros: optional package installed, repeatable: wireless, wifi-qcom, "
+        "wifi-qcom-ac (default: wireless on 6.x, none on 7.x)",
+    )
 
     a = sub.add_parser("adopt", help="take over a router's untagged logins (dry run by default)")
     a.add_argument("router_id", type=int)
@@ -353,10 +360,13 @@ def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
     if args.which == "routeros":
         from imsys.sim import routeros
         from imsys.sim.routeros_menus import DEFAULT_VERSION, parse_version
+        from imsys.sim.routeros_wireless import check_packages
 
         version = args.ros_version or DEFAULT_VERSION
         try:
             parse_version(version)
+            if args.package:
+                check_packages(version, frozenset(args.package))
         except ValueError as exc:
             print(f"sim routeros: {exc}", file=sys.stderr)
             return 2
@@ -375,6 +385,7 @@ def cmd_sim(_settings: Settings, args: argparse.Namespace) -> int:
             ssl_context=context,
             version=version,
             sensitive=not args.no_sensitive,
+            packages=args.package,
         )
     elif args.which == "bouncer":
         from imsys.sim import bouncer

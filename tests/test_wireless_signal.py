@@ -5,6 +5,7 @@ subscribers by their session's MAC, stored in PostgreSQL and shown by the admin 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,9 +21,12 @@ from imsys.routeros.target import RouterTarget
 from imsys.sim.routeros import RouterOSSimulator
 from imsys.sync import wireless
 from imsys.sync.handlers import router_target
-from imsys.sync.reconcile import router_facts
+from imsys.sync.reconcile import all_router_facts, router_facts
 from imsys.sync.repo import load_router
+from tests.browser import Browser
 from tests.sync_support import Stack
+from tests.test_dashboard import TOKEN as DASH_TOKEN
+from tests.test_dashboard import make_app, needs_chromium
 
 TOKEN = "test-token"
 Client = TestClient[web.Request, web.Application]
@@ -282,3 +286,43 @@ async def test_failed_read_changes_nothing_and_does_not_raise(stack: Stack) -> N
     )
     assert row is not None
     assert (row["signal_dbm"], row["associated"]) == (-66, True)
+
+
+# -- the dashboard, in a real headless Chromium ------------------------------------------
+
+SIGNAL_CELLS = """JSON.stringify([...document.querySelectorAll('#subscribers tbody tr')]
+ .map((r) => {
+  const cell = r.cells[[...document.querySelectorAll('#subscribers thead th')]
+    .findIndex((th) => th.textContent === 'signal')];
+  return [r.cells[1].textContent, cell.textContent, cell.title];
+}))"""
+
+
+@needs_chromium
+async def test_dashboard_shows_signal_in_chromium(isolated_stack: Stack) -> None:
+    """The subscribers table has a signal column: dBm and CCQ for the subscriber whose CPE
+    is a station (MAC and rates on hover), a dash for the one without."""
+    stack = isolated_stack  # a database of its own: only these rows on the page
+    stack.sim.packages = frozenset({"wireless"})
+    await stack.add_subscriber("alice")
+    await stack.add_subscriber("bob")
+    await stack.settle()
+    stack.sim.connect_session("alice", caller_id=CPE)
+    stack.sim.connect_session("bob")
+    stack.sim.associate_wireless(CPE, signal=-71, tx_ccq=87)
+    await all_router_facts(stack.sync)
+    async with (
+        TestServer(make_app(stack), host="127.0.0.1") as server,
+        Browser(width=1400, height=1000) as browser,
+    ):
+        await browser.goto(f"http://127.0.0.1:{server.port}/#token={DASH_TOKEN}")
+        await browser.wait_for("document.querySelectorAll('#subscribers tbody tr').length === 2")
+        cells = {name: (text, title) for name, text, title in json.loads(
+            await browser.evaluate(SIGNAL_CELLS)
+        )}
+        exceptions = browser.exceptions()
+    assert cells["alice"][0] == "-71 dBm · CCQ 87%"
+    assert CPE in cells["alice"][1]
+    assert "144.4Mbps-20MHz/2S/SGI" in cells["alice"][1]
+    assert cells["bob"][0] == "\u2013"  # an en dash: no reading
+    assert exceptions == []

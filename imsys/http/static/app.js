@@ -247,6 +247,21 @@
     );
   }
 
+  function signal(w) {
+    // The device's link as its router's registration table shows it (null: never seen).
+    if (!w) return td("–");
+    const parts = [w.signal_dbm === null ? (w.signal || "?") : `${w.signal_dbm} dBm`];
+    if (w.tx_ccq !== null) parts.push(`CCQ ${w.tx_ccq}%`);
+    if (!w.associated) parts.push(`left ${when(w.last_seen_at)}`);
+    const detail = [
+      `${w.source} ${w.interface || ""} ${w.mac_address}`,
+      `tx ${w.tx_rate || "–"} / rx ${w.rx_rate || "–"}`,
+      w.rx_ccq !== null ? `CCQ tx ${w.tx_ccq}% / rx ${w.rx_ccq}%` : null,
+      `last activity ${w.last_activity || "–"}, seen ${absolute(w.last_seen_at)}`,
+    ].filter(Boolean).join("\n");
+    return td(parts.join(" · "), w.associated ? null : "muted", detail);
+  }
+
   async function subscribers() {
     const { q, status, offset, limit } = state.subs;
     const params = new URLSearchParams({ limit: String(limit), offset: String(offset) });
@@ -271,6 +286,7 @@
         el("td", {}, badge(s.sync_status, s.sync_status)),
         td(s.sync_error || "", "wrap"),
         td(session),
+        signal(s.wireless),
         td(when(s.expires_at), null, s.expires_at ? absolute(s.expires_at) : null),
         td(when(s.last_synced_at), null, s.last_synced_at ? absolute(s.last_synced_at) : null),
         el("td", {}, el("button", { type: "button", class: "ghost", text: "Retry", "data-retry": s.id })),

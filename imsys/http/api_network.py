@@ -236,7 +236,11 @@ def add_routes(app: web.Application, deps: Deps) -> None:
         answer='{"created": N, "ids": [...]}',
     )
     r.get("/api/subscribers", get_subscribers, "search subscribers", query=SEARCH_Q)
-    r.get(r"/api/subscribers/{id:\d+}", get_subscriber, "one subscriber, sync state included")
+    r.get(
+        r"/api/subscribers/{id:\d+}",
+        get_subscriber,
+        "one subscriber, sync state and wireless link (or null) included",
+    )
     r.patch(
         r"/api/subscribers/{id:\d+}",
         patch_subscriber,

@@ -35,7 +35,8 @@ async def due_billing_runs(
 
     With ``opened_before``, only periods that opened before that instant.
     """
-    tenants = await db.fetch("SELECT id, time_zone FROM tenants")
+    # An inactive tenant is not billed (imsys/tenants.py).
+    tenants = await db.fetch("SELECT id, time_zone FROM tenants WHERE active")
     periods = {t["id"]: current_period(t["time_zone"]) for t in tenants}
     if opened_before is not None:
         zones = {t["id"]: t["time_zone"] for t in tenants}

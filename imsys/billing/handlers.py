@@ -14,6 +14,7 @@ from imsys.billing.context import BillingContext
 from imsys.billing.notify import SEND_NOTIFICATION
 from imsys.errors import PermanentError
 from imsys.streams.job import Job, JobSpec
+from imsys.tenants import TenantInactive
 
 log = structlog.get_logger("imsys.billing")
 
@@ -49,9 +50,13 @@ def current_period(zone: str, now: float | None = None) -> str:
 
 async def generate_bills(ctx: BillingContext, job: Job[GenerateBills]) -> None:
     p = job.payload
-    tenant = await ctx.db.fetchrow("SELECT id, time_zone FROM tenants WHERE id = $1", p.tenant_id)
+    tenant = await ctx.db.fetchrow(
+        "SELECT id, time_zone, active FROM tenants WHERE id = $1", p.tenant_id
+    )
     if tenant is None:
         raise PermanentError(f"tenant {p.tenant_id} does not exist")
+    if not tenant["active"]:
+        raise TenantInactive(p.tenant_id)
     start, end = period_bounds(p.period, tenant["time_zone"])
     cfg = ctx.cfg
     template = await ctx.db.fetchval(

@@ -97,7 +97,7 @@ WITH due AS (
            lt.days, t.time_zone,
            row_number() OVER (PARTITION BY s.id ORDER BY lt.days) AS rn
     FROM subscribers s
-    JOIN tenants t ON t.id = s.tenant_id
+    JOIN tenants t ON t.id = s.tenant_id AND t.active
     CROSS JOIN unnest($1::int[]) AS lt(days)
     WHERE s.deleted_at IS NULL AND NOT s.is_suspended
       AND s.expires_at > now() AND s.expires_at <= now() + make_interval(days => lt.days)

@@ -26,6 +26,8 @@ class TenantIn(Strict):
     time_zone: str = "UTC"
     grace_period_s: int = Field(default=0, ge=0, le=90 * 86400)
     max_disconnect_share: float = Field(default=0.2, gt=0, le=1)
+    # An inactive tenant is not swept, billed or reminded; its jobs are refused.
+    active: bool = True
 
     @field_validator("time_zone")
     @classmethod
@@ -81,6 +83,7 @@ class TenantPatch(Strict):
     time_zone: str | None = None
     grace_period_s: int | None = Field(default=None, ge=0, le=90 * 86400)
     max_disconnect_share: float | None = Field(default=None, gt=0, le=1)
+    active: bool | None = None
 
     @field_validator("time_zone")
     @classmethod

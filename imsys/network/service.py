@@ -53,15 +53,16 @@ async def create_tenant(db: asyncpg.Pool, data: TenantIn) -> dict[str, Any]:
     try:
         row = await db.fetchrow(
             """
-            INSERT INTO tenants (name, time_zone, grace_period, max_disconnect_share)
-            VALUES ($1, $2, make_interval(secs => $3), $4)
+            INSERT INTO tenants (name, time_zone, grace_period, max_disconnect_share, active)
+            VALUES ($1, $2, make_interval(secs => $3), $4, $5)
             RETURNING id, name, time_zone, extract(epoch FROM grace_period)::int AS grace_period_s,
-                      max_disconnect_share::float AS max_disconnect_share, created_at
+                      max_disconnect_share::float AS max_disconnect_share, active, created_at
             """,
             data.name,
             data.time_zone,
             data.grace_period_s,
             data.max_disconnect_share,
+            data.active,
         )
     except asyncpg.UniqueViolationError:
         raise Conflict(f"a tenant named {data.name!r} exists") from None
@@ -73,7 +74,7 @@ async def list_tenants(db: asyncpg.Pool) -> list[dict[str, Any]]:
     rows = await db.fetch(
         """
         SELECT id, name, time_zone, extract(epoch FROM grace_period)::int AS grace_period_s,
-               max_disconnect_share::float AS max_disconnect_share, created_at
+               max_disconnect_share::float AS max_disconnect_share, active, created_at
         FROM tenants ORDER BY id
         """
     )
@@ -181,13 +182,14 @@ async def guard_states(db: asyncpg.Pool) -> list[tuple[int, bool]]:
 
 TENANT_COLUMNS = """
     id, name, time_zone, extract(epoch FROM grace_period)::int AS grace_period_s,
-    max_disconnect_share::float AS max_disconnect_share, created_at
+    max_disconnect_share::float AS max_disconnect_share, active, created_at
 """
 
 
 async def update_tenant(db: asyncpg.Pool, tenant_id: int, patch: TenantPatch) -> dict[str, Any]:
-    """Change a tenant's name, time zone, grace period or guard share; a new share or grace
-    applies from the next sweep and reconciliation."""
+    """Change a tenant's name, time zone, grace period, guard share or whether it is
+    active; a new share or grace applies from the next sweep and reconciliation, and an
+    inactive tenant is left out of every timer from its next tick (imsys/tenants.py)."""
     changes = patch.model_dump(exclude_unset=True)
     nulls = [k for k, v in changes.items() if v is None]
     if not changes or nulls:
@@ -197,6 +199,7 @@ async def update_tenant(db: asyncpg.Pool, tenant_id: int, patch: TenantPatch) ->
         "time_zone": "time_zone = ${}",
         "grace_period_s": "grace_period = make_interval(secs => ${})",
         "max_disconnect_share": "max_disconnect_share = ${}",
+        "active": "active = ${}",
     }
     sets = ", ".join(exprs[k].format(i) for i, k in enumerate(changes, start=2))
     try:

@@ -22,6 +22,7 @@ from imsys.sync.context import SyncContext
 from imsys.sync.desired import Plan, marker, plan, public_fields
 from imsys.sync.jobs import RouterJob, SyncSubscriber
 from imsys.sync.profiles import ensure_profile, names_profile
+from imsys.tenants import require_active
 
 log = structlog.get_logger("imsys.sync")
 
@@ -59,6 +60,9 @@ async def router_session(
     claim is no longer provably this process's (``Job.check_claim``).
     """
     router_id = router["id"]
+    # An inactive tenant's routers are not touched: TenantInactive (a dead letter naming
+    # the tenant for a job, a 409 for the admin API).
+    await require_active(ctx.db, router["tenant_id"])
     await ctx.circuit.check(router_id)
     try:
         async with (

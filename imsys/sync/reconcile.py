@@ -58,6 +58,7 @@ from imsys.sync.reconcile_plan import (
     guard_verdict,
     profiles_in_use,
 )
+from imsys.tenants import TenantInactive
 
 if TYPE_CHECKING:
     from imsys.db import Executor
@@ -310,11 +311,14 @@ async def expire_tenant(ctx: SyncContext, job: Job[ExpireTenant]) -> None:
     """Suspend the tenant's subscribers whose expiry (plus grace) has passed, per router."""
     tenant_id = job.payload.tenant_id
     tenant = await ctx.db.fetchrow(
-        "SELECT id, grace_period, max_disconnect_share::float AS share FROM tenants WHERE id = $1",
+        "SELECT id, grace_period, max_disconnect_share::float AS share, active"
+        " FROM tenants WHERE id = $1",
         tenant_id,
     )
     if tenant is None:
         raise PermanentError(f"tenant {tenant_id} does not exist")
+    if not tenant["active"]:
+        raise TenantInactive(tenant_id)
     correlation = f"expire:{tenant_id}:{job.id}"
     rows = await ctx.db.fetch(
         """
@@ -446,7 +450,11 @@ async def all_router_facts(ctx: SyncContext) -> None:
 
 
 async def enqueue_reconciliation(ctx: SyncContext) -> int:
-    routers = await ctx.db.fetch("SELECT id FROM routers ORDER BY id")
+    """One sync_router job per router of an active tenant."""
+    routers = await ctx.db.fetch(
+        "SELECT r.id FROM routers r JOIN tenants t ON t.id = r.tenant_id WHERE t.active"
+        " ORDER BY r.id"
+    )
     for r in routers:
         await ctx.engine.producer.send(
             SYNC_ROUTER, {"router_id": r["id"]}, job_id=reconcile_job_id(r["id"])
@@ -455,7 +463,9 @@ async def enqueue_reconciliation(ctx: SyncContext) -> int:
 
 
 async def enqueue_expiry(ctx: SyncContext) -> int:
-    tenants = await ctx.db.fetch("SELECT id FROM tenants ORDER BY id")
+    """One expire_tenant job per active tenant (the seed's scheduler "finds active
+    tenants")."""
+    tenants = await ctx.db.fetch("SELECT id FROM tenants WHERE active ORDER BY id")
     for t in tenants:
         await ctx.engine.producer.send(
             EXPIRE_TENANT, {"tenant_id": t["id"]}, job_id=expire_job_id(t["id"])

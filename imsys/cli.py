@@ -127,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="create subscribers from a CSV, all or nothing")
     i.add_argument("file", metavar="FILE.csv", help="CSV with a header naming the fields")
 
+    sub.add_parser("schema", help="JSON Schema of every job payload and backend event")
     c = sub.add_parser("chaos", help="adversarial scenarios on private Redis/PostgreSQL servers")
     c.add_argument("--short", action="store_true", help="small counts, short outages (< 2 min)")
     c.add_argument("--only", nargs="+", metavar="NAME", help="run only these scenarios")
@@ -514,6 +515,14 @@ def cmd_chaos(_settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+def cmd_schema(_settings: Settings, _args: argparse.Namespace) -> int:
+    """The stream contract as JSON Schema (imsys.contract), from the code's declarations."""
+    from imsys.contract import document
+
+    _print_json(document())
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": cmd_run,
     "import": cmd_import,
@@ -526,4 +535,5 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "sim": cmd_sim,
     "chaos": cmd_chaos,
     "adopt": cmd_adopt,
+    "schema": cmd_schema,
 }

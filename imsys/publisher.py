@@ -15,6 +15,7 @@ import orjson
 import structlog
 from redis.asyncio import Redis
 
+from imsys.backend_events import check
 from imsys.backoff import REDIS_DOWN
 from imsys.logging import redact_text
 from imsys.streams.keys import Keys
@@ -35,6 +36,15 @@ EventType = Literal[
 ]
 
 
+def off_contract(type_: str, payload: Mapping[str, Any]) -> bool:
+    """Log a payload that is not what `imsys.backend_events` declares (published anyway:
+    the backend may still use it, and the job's work is done)."""
+    problem = check(type_, payload)
+    if problem is not None:
+        log.error("backend_event_off_contract", type=type_, problem=problem)
+    return problem is not None
+
+
 class EventPublisher:
     def __init__(self, redis: Redis, keys: Keys, *, retention_hours: float = 24.0) -> None:
         self.redis = redis
@@ -43,6 +53,7 @@ class EventPublisher:
 
     async def publish(self, type_: EventType, payload: Mapping[str, Any]) -> str | None:
         """Add one event; a Redis outage loses the event (logged), never the job."""
+        off_contract(type_, payload)
         now = int(time.time() * 1000)
         try:
             entry_id = await self.redis.xadd(

@@ -1,0 +1,158 @@
+"""The payload of every backend event, declared once: the contract of
+``<prefix>:backend-events`` (`imsys.publisher`).
+
+Each kind has a pydantic model here, in `EVENTS`. The publisher checks every payload
+against its model before it adds the entry (`check`): a payload that left the contract
+is logged as ``backend_event_off_contract`` and still published (an event is never
+dropped for it). ``python -m imsys schema`` prints these models as JSON Schema, and
+``tests/test_contract.py`` holds them to `imsys.publisher.EventType`, to every
+``events.publish(...)`` call in the code and to the README's table.
+
+Adding an event: its model and one `EVENTS` line here, its name in ``EventType``, a row
+in README's backend-events table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict
+
+from imsys.validation import describe
+
+
+class Payload(BaseModel):
+    """Every key the code sends is declared: a new one must be added here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OtpIdentity(Payload):
+    """What lets the backend match an OTP event to its request; never the code."""
+
+    channel: Literal["whatsapp", "email"]
+    recipient: str
+    user_name: str
+    job_id: str | None
+    entry_id: str
+    attempt: int
+    expires_at: int
+
+
+class OtpSent(OtpIdentity):
+    provider_message_id: str | None
+    sent_at: int
+    delivered_in_ms: int | None
+
+
+class OtpFailed(OtpIdentity):
+    reason: Literal["expired", "rejected", "attempts_exhausted"]
+    error: str
+
+
+class NotificationSent(Payload):
+    notification_id: int
+    channel: str
+    template: str
+    provider_message_id: str | None
+
+
+class NotificationFailed(Payload):
+    notification_id: int
+    channel: str
+    template: str
+    error: str
+
+
+class ServiceStatus(Payload):
+    service: Literal["sms", "whatsapp", "email"]
+    state: Literal["running", "stopped"]
+    since: int | None
+    by: str | None
+    changed: bool
+    action: Literal["start", "stop", "restart", "status"]
+    job_id: str | None
+    # Tenants the channel is stopped for, out of credit: {tenant_id, since, reason}.
+    out_of_credit: list[dict[str, Any]] = []
+
+
+class SubscriberSynced(Payload):
+    subscriber_id: int
+    router_id: int
+    changed: list[str]
+    kicked: bool
+
+
+class SubscriberSyncFailed(Payload):
+    subscriber_id: int
+    router_id: int
+    error: str
+    attempt: int
+    # Only when an unmanaged entry holds the name (the subscriber is blocked).
+    blocked_by: dict[str, str] | None = None
+    remedy: str | None = None
+
+
+class RouterOnline(Payload):
+    router_id: int
+
+
+class RouterOffline(Payload):
+    router_id: int
+    error: str
+
+
+class RouterGuardTripped(Payload):
+    router_id: int
+    tenant_id: int
+    cause: Literal["reconciliation", "sweep"]
+    reason: str
+    would_disconnect: int
+    subscribers: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    name: str  # the entry's ``type`` field
+    model: type[BaseModel]
+    when: str  # when imsys publishes it (the schema's description)
+
+
+EVENTS: dict[str, EventSpec] = {
+    e.name: e
+    for e in (
+        EventSpec("otp_sent", OtpSent, "a one-time password reached its provider"),
+        EventSpec("otp_failed", OtpFailed, "a one-time password was not sent, for good"),
+        EventSpec("notification_sent", NotificationSent, "the provider accepted a message"),
+        EventSpec("notification_failed", NotificationFailed, "a message failed for good"),
+        EventSpec("service_status", ServiceStatus, "a service_control job ran"),
+        EventSpec("subscriber_synced", SubscriberSynced, "a subscriber's router entry matches"),
+        EventSpec(
+            "subscriber_sync_failed",
+            SubscriberSyncFailed,
+            "a sync attempt failed, or an unmanaged entry blocks the subscriber",
+        ),
+        EventSpec("router_online", RouterOnline, "a router answers again"),
+        EventSpec("router_offline", RouterOffline, "a router stopped answering"),
+        EventSpec(
+            "router_guard_tripped",
+            RouterGuardTripped,
+            "the mass-disconnect guard holds a router's disconnections",
+        ),
+    )
+}
+
+
+def check(type_: str, payload: Mapping[str, Any]) -> str | None:
+    """Why ``payload`` is not what `EVENTS` declares for ``type_``, or None when it is."""
+    spec = EVENTS.get(type_)
+    if spec is None:
+        return f"no payload model declared for {type_!r} (imsys.backend_events.EVENTS)"
+    try:
+        spec.model.model_validate(payload)
+    except pydantic.ValidationError as exc:
+        return describe(exc, whole="payload")
+    return None

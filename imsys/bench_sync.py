@@ -26,7 +26,15 @@ import time
 from collections import Counter
 from typing import Any
 
-from imsys.bench_sync_bed import MENU, BenchTimeout, SyncBed, SyncBenchOptions, peak_rss_mb, say
+from imsys.bench_sync_bed import (
+    MENU,
+    BenchTimeout,
+    SyncBed,
+    SyncBenchOptions,
+    cpu_s,
+    peak_rss_mb,
+    say,
+)
 from imsys.redisconn import make_redis
 from imsys.settings import Settings
 from imsys.streams.keys import Keys
@@ -107,7 +115,9 @@ class SyncBench(SyncBed):
             for i in range(o.subscribers)
             for r, rid in enumerate(router_ids)
         ]
+        assert self.svc is not None
         before = await self.sims.ask("counts")
+        cpu = cpu_s(self.svc.pid), await self.sims.ask("cpu")
         t0 = time.perf_counter()
         for start in range(0, len(rows), BULK_CALL_MAX):
             await self.api("POST", "/api/subscribers/bulk", rows[start : start + BULK_CALL_MAX])
@@ -124,6 +134,9 @@ class SyncBench(SyncBed):
             self.result["synced_per_s"] = round(done / took, 1)
             self.result["commands_per_subscriber"] = round(commands / max(done, 1), 3)
             self.result["commands_by_kind"] = kinds
+            # Whose CPU the phase took: the service's, and the simulated routers'.
+            self.result["synced_service_cpu_s"] = round(cpu_s(self.svc.pid) - cpu[0], 2)
+            self.result["synced_routers_cpu_s"] = round(await self.sims.ask("cpu") - cpu[1], 2)
         self.result["synced_s"] = round(took, 2)
 
     async def reconcile(self, router_id: int) -> None:

@@ -70,6 +70,12 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class SyncBed:
     """What one run owns: the temp folder, the database, the key prefix, the service and
     the simulated routers. It is the `Host` its `Service` needs (root, scenario_name,

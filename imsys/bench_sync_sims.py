@@ -14,6 +14,7 @@ import contextlib
 import multiprocessing
 import random
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -104,6 +105,7 @@ async def _host(conn: Connection, count: int, username: str, password: str) -> N
         "has": routers.has,
         "drift": routers.drift,
         "healed": routers.healed,
+        "cpu": time.process_time,
     }
     loop = asyncio.get_running_loop()
     requests: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()

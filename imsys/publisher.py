@@ -33,7 +33,25 @@ EventType = Literal[
     "router_online",
     "router_offline",
     "router_guard_tripped",
+    # The seed's names (seeds/002): `email-sent` mirrors otp_sent / notification_sent of
+    # an e-mail; `whatsapp-connected` / `-disconnected` follow the Cloud API token.
+    "email-sent",
+    "whatsapp-connected",
+    "whatsapp-disconnected",
 ]
+
+
+def seed_alias(type_: str, payload: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The seed's ``email-sent`` for an e-mail ``otp_sent`` / ``notification_sent``
+    (published besides it, so backends written to either name get it), else None."""
+    if type_ not in ("otp_sent", "notification_sent") or payload.get("channel") != "email":
+        return None
+    ident = payload.get("notification_id", payload.get("entry_id"))
+    return {
+        "of": type_,
+        "id": None if ident is None else str(ident),
+        "provider_message_id": payload.get("provider_message_id"),
+    }
 
 
 def off_contract(type_: str, payload: Mapping[str, Any]) -> bool:
@@ -67,4 +85,7 @@ class EventPublisher:
         except REDIS_DOWN as exc:
             log.warning("backend_event_lost", type=type_, error=redact_text(str(exc)))
             return None
+        alias = seed_alias(type_, payload)
+        if alias is not None:
+            await self.publish("email-sent", alias)
         return str(entry_id)

@@ -19,13 +19,20 @@ import pytest
 from librouteros.exceptions import ConnectionClosed, FatalError, MultiTrapError, TrapError
 from librouteros.protocol import decode_length as lib_decode_length
 from librouteros.protocol import encode_length as lib_encode_length
+from librouteros.protocol import encode_sentence as lib_encode_sentence
 from librouteros.query import Key, Or
 
 from imsys.sim.routeros import RouterOSSimulator, Write, serve
 from imsys.sim.routeros_menus import Trap
 from imsys.sim.routeros_query import index_hint
 from imsys.sim.routeros_state import RouterState
-from imsys.sim.routeros_wire import decode_length, encode_length, prefix_size
+from imsys.sim.routeros_wire import (
+    decode_length,
+    encode_length,
+    encode_sentence,
+    encode_sentences,
+    prefix_size,
+)
 
 USER = "admin"
 PASSWORD = "s3cret-pw"
@@ -97,6 +104,18 @@ def test_length_encoding_sizes_and_round_trip(length: int, size: int) -> None:
     if size < 5:
         assert encoded == lib_encode_length(length)
         assert lib_decode_length(encoded) == length
+
+
+def test_sentences_encode_as_librouteros_encodes_them() -> None:
+    """A reply's sentences written back to back are the bytes librouteros's own encoder
+    makes of them, for words of every prefix size up to 3 bytes and non-ASCII text."""
+    sentences = [
+        ["!re", "", "=name=" + "x" * 0x79, "=comment=" + "y" * 0x80, "=n=é" * 5000],
+        ["!done", "=ret=*1"],
+    ]
+    expected = b"".join(lib_encode_sentence(*words, encoding="utf-8") for words in sentences)
+    assert encode_sentences(sentences) == expected
+    assert encode_sentence(sentences[1]) == lib_encode_sentence(*sentences[1], encoding="utf-8")
 
 
 async def test_login_with_right_credentials(sim: RouterOSSimulator) -> None:

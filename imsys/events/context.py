@@ -8,6 +8,7 @@ from redis.asyncio import Redis
 
 from imsys.deps import Deps
 from imsys.events.channels import ChannelControl
+from imsys.events.whatsapp_token import TokenWatch
 from imsys.providers.email import SmtpClient
 from imsys.providers.whatsapp import WhatsAppClient
 from imsys.publisher import EventPublisher
@@ -27,12 +28,16 @@ class EventsContext:
 
     @classmethod
     def from_deps(cls, deps: Deps) -> EventsContext:
+        whatsapp = WhatsAppClient(deps.http, deps.settings.whatsapp)
+        whatsapp.on_token = TokenWatch(
+            deps.redis, deps.engine.keys, deps.events, deps.settings.whatsapp.phone_number_id
+        )
         return cls(
             redis=deps.redis,
             keys=deps.engine.keys,
             cfg=deps.settings.events,
             events=deps.events,
             channels=ChannelControl.from_deps(deps),
-            whatsapp=WhatsAppClient(deps.http, deps.settings.whatsapp),
+            whatsapp=whatsapp,
             smtp=SmtpClient(deps.settings.smtp),
         )

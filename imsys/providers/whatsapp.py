@@ -7,7 +7,7 @@ template parameters (an OTP is usually one of them).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
 import orjson
@@ -35,6 +35,10 @@ _PAYMENT_CODES: Final = frozenset({"131042"})
 _TEMPORARY_CODES: Final = frozenset({"1", "2", "131000", "131016"})
 
 
+class TokenObserver(Protocol):
+    async def __call__(self, valid: bool, error: str | None) -> None: ...
+
+
 class WhatsAppClient:
     """Sends WhatsApp messages from one business number over the caller's session."""
 
@@ -46,6 +50,9 @@ class WhatsAppClient:
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json",
                          "Content-Type": "application/json"}
         self._url = f"{config.base_url}/{config.phone_number_id}/messages"
+        # Told after each answer whether Meta took the token (False on its 401), so the
+        # caller can report the Cloud API "connected" / "disconnected"; never raises.
+        self.on_token: TokenObserver | None = None
 
     async def send_text(self, to: str, body: str, *, preview_url: bool = False) -> str:
         """Send a text message (inside the 24-hour service window); return its ``wamid``."""
@@ -87,8 +94,20 @@ class WhatsAppClient:
             raise ProviderRejected(PROVIDER, "message not sent", detail="no recipient number")
         payload = {"messaging_product": "whatsapp", "recipient_type": "individual",
                    "to": to.strip(), **message}
-        data = await self._http.json("POST", self._url, data=orjson.dumps(payload),
-                                     headers=self._headers, redact=hidden)
+        try:
+            data = await self._http.json("POST", self._url, data=orjson.dumps(payload),
+                                         headers=self._headers, redact=hidden)
+        except ProviderAuthError as exc:
+            if self.on_token is not None and exc.status == 401:
+                await self.on_token(False, str(exc))
+            raise
+        except ProviderError as exc:
+            # Any other answer from Graph (a 4xx about the message) still took the token.
+            if self.on_token is not None and exc.status is not None and exc.status < 500:
+                await self.on_token(True, None)
+            raise
+        if self.on_token is not None:
+            await self.on_token(True, None)
         messages = data.get("messages") if isinstance(data, dict) else None
         first = messages[0] if isinstance(messages, list) and messages else None
         wamid = first.get("id") if isinstance(first, dict) else None

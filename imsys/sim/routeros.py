@@ -38,7 +38,7 @@ from imsys.sim.routeros_api import (
 )
 from imsys.sim.routeros_menus import DEFAULT_VERSION, Value, answers_empty, parse_version
 from imsys.sim.routeros_state import RouterState, Write
-from imsys.sim.routeros_wire import WireError, encode_sentence, read_sentence
+from imsys.sim.routeros_wire import WireError, encode_sentences, read_sentence
 
 __all__ = ["CommandRecord", "RouterOSSimulator", "Write", "main", "serve"]
 
@@ -391,7 +391,7 @@ class RouterOSSimulator(ApiResponder):
                 replies = self.respond(conn, words)
                 if replies is None:
                     return
-                writer.write(b"".join(encode_sentence(sentence) for sentence in replies))
+                writer.write(encode_sentences(replies))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, WireError, ssl.SSLError):
             pass  # the client left, or sent garbage: a router just closes

@@ -22,7 +22,14 @@ from imsys.db import translate_error as translate_db_error
 from imsys.demo import Demo
 from imsys.deps import Deps
 from imsys.events import domain as events_domain
-from imsys.http import api_billing, api_bouncer, api_network, api_sync, dashboard
+from imsys.http import (
+    api_billing,
+    api_bouncer,
+    api_network,
+    api_sync,
+    api_webhooks,
+    dashboard,
+)
 from imsys.http.server import build_app, check_listen_safety
 from imsys.outbox import OutboxRelay
 from imsys.publisher import EventPublisher
@@ -79,6 +86,7 @@ def build_http(deps: Deps, demo: Demo | None = None) -> web.Application:
     api_sync.add_routes(app, deps)
     api_bouncer.add_routes(app, deps)
     api_billing.add_routes(app, deps)
+    api_webhooks.add_routes(app, deps)
     dashboard.add_routes(app, demo)
     return app
 

@@ -67,6 +67,27 @@ class NotificationFailed(Payload):
     error: str
 
 
+class NotificationDelivered(Payload):
+    notification_id: int
+    channel: str
+    status: Literal["delivered", "read"]
+
+
+class NotificationFallback(Payload):
+    notification_id: int
+    channel: str
+    template: str
+    error: str
+    fallback: Literal["sms"]
+
+
+class ChannelOutOfCredit(Payload):
+    channel: Literal["sms", "whatsapp", "email"]
+    tenant_id: int | None
+    account: str | None
+    error: str
+
+
 class ServiceStatus(Payload):
     service: Literal["sms", "whatsapp", "email"]
     state: Literal["running", "stopped"]
@@ -146,6 +167,21 @@ EVENTS: dict[str, EventSpec] = {
 }
 
 
+        EventSpec(
+            "notification_delivered",
+            NotificationDelivered,
+            "a receipt says a message was delivered or read",
+        ),
+        EventSpec(
+            "notification_fallback",
+            NotificationFallback,
+            "a WhatsApp message failed and goes again by SMS",
+        ),
+        EventSpec(
+            "channel_out_of_credit",
+            ChannelOutOfCredit,
+            "a provider said a tenant's account has no credit: the channel stops for it",
+        ),
 def check(type_: str, payload: Mapping[str, Any]) -> str | None:
     """Why ``payload`` is not what `EVENTS` declares for ``type_``, or None when it is."""
     spec = EVENTS.get(type_)

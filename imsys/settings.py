@@ -242,6 +242,67 @@ class EventsSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+class WhatsAppTemplate(BaseModel):
+    """An approved WhatsApp template: name, language, and its body parameters in order,
+    each a billing template variable ({name}, {amount}...) without the braces."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=512)
+    language: str = Field(default="en", min_length=2, max_length=15)
+    params: list[str] = Field(default_factory=list)
+
+
+def _default_wa_templates() -> dict[str, WhatsAppTemplate]:
+    return {
+        "invoice": WhatsAppTemplate(
+            name="invoice_notice", params=["name", "package", "period", "amount", "due_date"]
+        ),
+        "reminder": WhatsAppTemplate(
+            name="renewal_reminder", params=["name", "package", "expires_at", "days"]
+        ),
+        "payment_ack": WhatsAppTemplate(
+            name="payment_received", params=["name", "reference", "amount", "expires_at"]
+        ),
+        "suspension": WhatsAppTemplate(name="service_suspended", params=["name", "package"]),
+    }
+
+
+class MessagingAccount(BaseModel):
+    """A tenant's own provider account; a channel it leaves out uses the global one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sms: SmsConfig | None = None
+    whatsapp: WhatsAppConfig | None = None
+    smtp: SmtpConfig | None = None
+
+
+class MessagingSettings(BaseModel):
+    """Delivery receipts, WhatsApp templates and windows, SMS fallback, tenant accounts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Templates for business-initiated WhatsApp messages per notification kind (a
+    # tenant may set its own); outside the customer's 24-hour window only these go.
+    whatsapp_templates: dict[str, WhatsAppTemplate] = Field(
+        default_factory=_default_wa_templates
+    )
+    # A WhatsApp message neither delivered nor read this long after it was sent goes
+    # again by SMS (once); per kind, "*" for the rest.
+    fallback_after_s: dict[str, float] = Field(default_factory=lambda: {"*": 1800.0})
+    # How often the fallback timer looks for overdue WhatsApp messages.
+    fallback_every_s: float = Field(default=60.0, gt=0)
+    # The base URL providers call imsys's webhooks at (Twilio signs the full URL it
+    # called); empty: the URL of the request as it arrived.
+    public_url: str = ""
+    # Tenants' own accounts by name (tenant_messaging.account names one of them).
+    accounts: dict[str, MessagingAccount] = Field(default_factory=dict)
+
+    def fallback_after(self, kind: str) -> float:
+        return self.fallback_after_s.get(kind, self.fallback_after_s.get("*", 1800.0))
+
+
     # Entries on <prefix>:backend-events older than this are trimmed.
     backend_events_hours: float = Field(default=24.0, gt=0)
     # The one-time password text (WhatsApp text message, e-mail body) and e-mail subject;
@@ -382,6 +443,7 @@ class Settings(BaseSettings):
     sms: SmsConfig = SmsConfig()
     whatsapp: WhatsAppConfig = WhatsAppConfig()
     smtp: SmtpConfig = SmtpConfig()
+    messaging: MessagingSettings = MessagingSettings()
     demo: DemoSettings = DemoSettings()
     recovery: RecoverySettings = RecoverySettings()
     streams: dict[str, StreamPolicy] = Field(default_factory=_default_streams)

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 # The values a body template may use; anything else is a typo caught at start-up.
-SMS_PLACEHOLDERS = frozenset({"to", "message", "sender", "username"})
+SMS_PLACEHOLDERS = frozenset({"to", "message", "sender", "username", "status_callback"})
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -123,8 +123,17 @@ class SmsConfig(BaseModel):
     retryable_statuses: list[str] = Field(
         default_factory=lambda: ["InternalServerError", "GatewayError"]
     )
+    # Statuses that mean the account has no credit left: the channel stops for the
+    # tenant (messages held) instead of the message failing.
+    out_of_credit_statuses: list[str] = Field(default_factory=lambda: ["InsufficientBalance"])
     timeout: float = Field(default=15.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
+    # Delivery reports. Africa's Talking signs nothing: its callback URL carries this
+    # token (``/webhooks/africastalking?token=...``), and the route is off while it is
+    # empty. Twilio signs with the auth token (``secret``); ``status_callback`` is the
+    # ``{status_callback}`` a Twilio body passes as ``StatusCallback``.
+    webhook_token: SecretStr = SecretStr("")
+    status_callback: str = ""
 
     @field_validator("status_path")
     @classmethod
@@ -182,6 +191,11 @@ class WhatsAppConfig(BaseModel):
     phone_number_id: str = "100000000000001"
     timeout: float = Field(default=15.0, gt=0)
     connect_timeout: float = Field(default=5.0, gt=0)
+    # Webhooks (/webhooks/whatsapp): the app secret signs every POST (X-Hub-Signature-256)
+    # and the verify token answers Meta's GET handshake; the route is off while either is
+    # empty.
+    app_secret: SecretStr = SecretStr("")
+    verify_token: SecretStr = SecretStr("")
 
     @field_validator("phone_number_id")
     @classmethod

@@ -8,11 +8,9 @@ import asyncpg
 
 from imsys.deps import Deps
 from imsys.events import ChannelControl
-from imsys.providers.email import SmtpClient
-from imsys.providers.sms import SmsClient
-from imsys.providers.whatsapp import WhatsAppClient
+from imsys.providers.accounts import Accounts
 from imsys.publisher import EventPublisher
-from imsys.settings import BillingSettings
+from imsys.settings import BillingSettings, MessagingSettings
 from imsys.streams.limits import RateLimiter
 from imsys.streams.producer import Producer
 
@@ -27,9 +25,9 @@ class BillingContext:
     rates: RateLimiter
     # The events domain's channel switch: a stopped channel holds its messages.
     channels: ChannelControl
-    sms: SmsClient
-    whatsapp: WhatsAppClient
-    smtp: SmtpClient
+    # The global provider account and each tenant's own.
+    accounts: Accounts
+    messaging: MessagingSettings
 
     @classmethod
     def from_deps(cls, deps: Deps) -> BillingContext:
@@ -40,7 +38,11 @@ class BillingContext:
             events=deps.events,
             rates=deps.engine.rates,
             channels=ChannelControl.from_deps(deps),
-            sms=SmsClient(deps.http, deps.settings.sms),
-            whatsapp=WhatsAppClient(deps.http, deps.settings.whatsapp),
-            smtp=SmtpClient(deps.settings.smtp),
+            accounts=build_accounts(deps),
+            messaging=deps.settings.messaging,
         )
+
+
+def build_accounts(deps: Deps) -> Accounts:
+    st = deps.settings
+    return Accounts(deps.http, st.sms, st.whatsapp, st.smtp, st.messaging.accounts)

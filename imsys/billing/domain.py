@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from imsys.billing import repo
+from imsys.billing import ledger, repo
 from imsys.billing.context import BillingContext
 from imsys.billing.handlers import (
     GENERATE_BILLS,
@@ -75,6 +75,16 @@ async def queue_reminders(ctx: BillingContext) -> int:
     return n
 
 
+async def queue_overdue_fallbacks(ctx: BillingContext) -> int:
+    """An SMS for each WhatsApp message neither delivered nor read in its kind's time."""
+    m = ctx.messaging
+    ids = await ledger.overdue_whatsapp(ctx.db, m.fallback_after_s, m.fallback_after("*"))
+    n = await ledger.queue_fallback(ctx.db, ids, SEND_NOTIFICATION)
+    if n:
+        log.info("notification_fallbacks_queued", count=n, reason="not_delivered_in_time")
+    return n
+
+
 def register(deps: Deps) -> None:
     ctx = BillingContext.from_deps(deps)
     reg = deps.engine.registry
@@ -89,5 +99,11 @@ def register(deps: Deps) -> None:
     async def reminders(_slot: int) -> None:
         await queue_reminders(ctx)
 
+    async def fallbacks(_slot: int) -> None:
+        await queue_overdue_fallbacks(ctx)
+
     deps.engine.add_timer("billing_runs", bills, every=ctx.cfg.bills_every_s)
     deps.engine.add_timer("expiry_reminders", reminders, every=ctx.cfg.reminders_every_s)
+    deps.engine.add_timer(
+        "notification_fallback", fallbacks, every=ctx.messaging.fallback_every_s
+    )

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+import time
+from typing import Any, Final
 
+import orjson
 import structlog
 from pydantic import BaseModel
 
-from imsys.billing import repo
+from imsys.billing import ledger, outcomes, repo
 from imsys.billing.context import BillingContext
 from imsys.errors import Deferred, PermanentError, RetryableError
+from imsys.providers.errors import OutOfCredits, ProviderRejected
 from imsys.streams.job import Job, JobSpec
 
 log = structlog.get_logger("imsys.billing")
@@ -18,6 +21,8 @@ log = structlog.get_logger("imsys.billing")
 # A claim on a message older than this belongs to a delivery that died mid-call (well past
 # any provider timeout): another delivery may send it.
 SENDING_LEASE_S = 120.0
+# A tenant that sent this recently counts as sending now, for its share of the rate.
+_ACTIVE_MS: Final = 5_000
 
 
 class SendNotification(BaseModel):
@@ -33,14 +38,57 @@ def notification_job_id(notification_id: int) -> str:
     return f"{SEND_NOTIFICATION.name}:{notification_id}"
 
 
-async def deliver(ctx: BillingContext, note: Any) -> str:
+async def _pace(ctx: BillingContext, channel: str, tenant_id: int | None) -> None:
+    """The channel's send rate, shared fairly: each tenant sending now gets rate / n.
+
+    Tenants seen sending in the last few seconds count; one alone gets the whole rate.
+    """
+    rate = ctx.cfg.send_rate_per_s.get(channel, 10.0)
+    if tenant_id is not None:
+        now = int(time.time() * 1000)
+        key = ctx.channels.keys.limit(f"notify:{channel}:tenants")
+        pipe = ctx.channels.redis.pipeline(transaction=False)
+        pipe.zadd(key, {str(tenant_id): now})
+        pipe.zremrangebyscore(key, 0, now - _ACTIVE_MS)
+        pipe.zcard(key)
+        pipe.pexpire(key, _ACTIVE_MS * 2)
+        _, _, active, _ = await pipe.execute()
+        share = rate / max(1, int(active))
+        await ctx.rates.acquire(f"notify:{channel}:t:{tenant_id}", share)
+    await ctx.rates.acquire(f"notify:{channel}", rate)
+
+
+async def deliver(ctx: BillingContext, note: Any) -> tuple[str, str, str | None]:
+    """Send through the tenant's account; (provider's id, provider, how it went)."""
+    clients = ctx.accounts.get(note["account"])
     channel, to, body = note["channel"], note["recipient"], note["body"]
     if channel == "sms":
-        return await ctx.sms.send(to, body)
+        return await clients.sms.send(to, body), clients.sms.provider, None
     if channel == "whatsapp":
-        return await ctx.whatsapp.send_text(to, body)
+        wa = clients.whatsapp
+        # Free-form text only inside the customer's 24-hour window; a template otherwise.
+        if await ledger.in_window(ctx.db, wa.phone_number_id, to):
+            return await wa.send_text(to, body), "whatsapp", "text"
+        name, language, params = await _template(ctx, note)
+        values = orjson.loads(note["vars"] or "{}")
+        args = [str(values.get(p) or "-") for p in params]
+        return await wa.send_template(to, name, language, args), "whatsapp", name
     subject = f"{note['tenant_name'] or 'Your service'}: {note['template'].replace('_', ' ')}"
-    return await ctx.smtp.send(to, subject, body)
+    return await clients.smtp.send(to, subject, body), "smtp", None
+
+
+async def _template(ctx: BillingContext, note: Any) -> tuple[str, str, list[str]]:
+    kind = note["template"]
+    row = await ledger.whatsapp_template(ctx.db, note["tenant_id"], kind)
+    if row is not None:
+        return row["name"], row["language"], list(row["params"])
+    default = ctx.messaging.whatsapp_templates.get(kind)
+    if default is None:
+        raise ProviderRejected(
+            "whatsapp", "not sent", code="no_template",
+            detail=f"the customer's 24-hour window is closed and no template is set for {kind!r}",
+        )
+    return default.name, default.language, list(default.params)
 
 
 async def send_notification(ctx: BillingContext, job: Job[SendNotification]) -> None:
@@ -56,10 +104,11 @@ async def send_notification(ctx: BillingContext, job: Job[SendNotification]) -> 
         raise PermanentError(f"notification {nid} does not exist")
     if note["status"] != "queued":
         return  # sent (or given up) by an earlier delivery of this job
-    channel = note["channel"]
-    # Stopped channels hold their messages (service_control): Deferred, no attempt.
-    await ctx.channels.ensure_running(channel)
-    await ctx.rates.acquire(f"notify:{channel}", ctx.cfg.send_rate_per_s.get(channel, 10.0))
+    channel, tenant_id = note["channel"], note["tenant_id"]
+    # Stopped channels hold their messages (service_control, or the tenant's account out
+    # of credit): Deferred, no attempt.
+    await ctx.channels.ensure_running(channel, tenant_id)
+    await _pace(ctx, channel, tenant_id)
     claimant = f"{job.id}:{job.delivery}"
     claim = await repo.claim_sending(
         ctx.db, nid, claimant, lease_s=SENDING_LEASE_S, fence=job.ensure_current
@@ -69,27 +118,26 @@ async def send_notification(ctx: BillingContext, job: Job[SendNotification]) -> 
     if claim == "busy":
         raise Deferred(f"notification {nid} is being sent by another delivery", delay=5.0)
     try:
-        provider_id = await deliver(ctx, note)
+        provider_id, provider, sent_as = await deliver(ctx, note)
+    except OutOfCredits as exc:
+        await _out_of_credit(ctx, note, claimant, exc)
+        raise Deferred(f"{channel} out of credit for tenant {tenant_id}: held",
+                       delay=ctx.channels.hold_s) from None
     except (RetryableError, PermanentError) as exc:
         final = isinstance(exc, PermanentError) or job.last_attempt
         # Only the current delivery records the failure (FencedOut otherwise).
         recorded = await repo.mark_attempt_failed(
-            ctx.db, nid, str(exc), final=final, claimant=claimant, fence=job.ensure_current
+            ctx.db, nid, f"{channel}: {exc}", final=final, claimant=claimant,
+            fence=job.ensure_current,
         )
         if final and recorded:
-            await ctx.events.publish(
-                "notification_failed",
-                {
-                    "notification_id": nid,
-                    "channel": channel,
-                    "template": note["template"],
-                    "error": str(exc),
-                },
-            )
+            row = {**dict(note), "status": "failed"}
+            if await outcomes.after_status(ctx.db, ctx.events, row, str(exc), SEND_NOTIFICATION):
+                return  # handed to its SMS fallback: nothing to dead-letter
         raise
     # Recorded even by a delivery fenced out meanwhile: the provider has the message,
     # and leaving it 'queued' would only get it sent a second time.
-    await repo.mark_sent(ctx.db, nid, provider_id)
+    moved = await ledger.mark_sent(ctx.db, nid, provider_id, provider, sent_as)
     await ctx.events.publish(
         "notification_sent",
         {
@@ -99,13 +147,31 @@ async def send_notification(ctx: BillingContext, job: Job[SendNotification]) -> 
             "provider_message_id": provider_id,
         },
     )
+    if moved is not None:  # a receipt had arrived before the id was written
+        await outcomes.after_status(ctx.db, ctx.events, moved, moved["status"], SEND_NOTIFICATION)
     log.info(
         "notification_sent",
         notification_id=nid,
         channel=channel,
         template=note["template"],
+        sent_as=sent_as,
+        account=note["account"],
         to=_mask(note["recipient"]),
     )
+
+
+async def _out_of_credit(ctx: BillingContext, note: Any, claimant: str, exc: Exception) -> None:
+    """Stop the channel for the tenant, once; the message waits, its claim released."""
+    await repo.release_claim(ctx.db, note["id"], claimant)
+    channel, tenant_id = note["channel"], note["tenant_id"]
+    if await ctx.channels.out_of_credit(channel, tenant_id, str(exc)):
+        await ctx.events.publish(
+            "channel_out_of_credit",
+            {"channel": channel, "tenant_id": tenant_id, "account": note["account"],
+             "error": str(exc)},
+        )
+        log.warning("channel_out_of_credit", channel=channel, tenant_id=tenant_id,
+                    account=note["account"], error=str(exc))
 
 
 def _mask(recipient: str) -> str:

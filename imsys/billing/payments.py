@@ -15,6 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import asyncpg
+import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -173,19 +174,19 @@ async def apply_payment(
                 " WHERE tenant_id = $1 AND template = 'payment_ack'",
                 sub["tenant_id"],
             )
-            body = render(
-                tenant_tpl or template,
-                name=sub["username"],
-                package=sub["package"],
-                amount=str(pay["amount"]),
-                reference=pay["reference"],
-                expires_at=_local(sub["expires_at"], sub["time_zone"]),
-            )
+            values = {
+                "name": sub["username"],
+                "package": sub["package"],
+                "amount": str(pay["amount"]),
+                "reference": pay["reference"],
+                "expires_at": _local(sub["expires_at"], sub["time_zone"]),
+            }
+            body = render(tenant_tpl or template, **values)
             note_id = await conn.fetchval(
                 """
                 INSERT INTO notifications (tenant_id, subscriber_id, channel, recipient,
-                                           template, body, dedupe_key)
-                VALUES ($1, $2, $3, $4, 'payment_ack', $5, $6)
+                                           template, body, dedupe_key, vars)
+                VALUES ($1, $2, $3, $4, 'payment_ack', $5, $6, $7)
                 ON CONFLICT (dedupe_key) DO NOTHING RETURNING id
                 """,
                 sub["tenant_id"],
@@ -194,6 +195,7 @@ async def apply_payment(
                 recipient,
                 body,
                 f"payment_ack:{pay['id']}",
+                orjson.dumps(values).decode(),
             )
             if note_id is not None:
                 await outbox.add(

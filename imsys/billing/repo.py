@@ -26,6 +26,13 @@ replace(replace(replace(replace(replace(replace(replace(
 """
 
 
+# The same values as JSON, kept on the message for a WhatsApp template's parameters.
+VARS = """
+jsonb_build_object('name', {name}, 'package', {package}, 'period', {period},
+    'amount', {amount}, 'due_date', {due_date}, 'expires_at', {expires_at}, 'days', {days})
+"""
+
+
 def _tpl(name: str, default_param: str) -> str:
     """The tenant's template, else the configured default."""
     return (
@@ -37,6 +44,25 @@ def _tpl(name: str, default_param: str) -> str:
 def _channel(phone_channel_param: str) -> str:
     return f"CASE WHEN s.phone IS NOT NULL THEN {phone_channel_param} ELSE 'email' END"
 
+
+_INVOICE_VARS = {
+    "name": "s.username",
+    "package": "p.name",
+    "period": "$2",
+    "amount": "inv.amount::text",
+    "due_date": "to_char(inv.due_at AT TIME ZONE $7, 'YYYY-MM-DD')",
+    "expires_at": "''",
+    "days": "''",
+}
+_REMINDER_VARS = {
+    "name": "s.username",
+    "package": "p.name",
+    "period": "''",
+    "amount": "p.price::text",
+    "due_date": "''",
+    "expires_at": "to_char(s.expires_at AT TIME ZONE s.time_zone, 'YYYY-MM-DD HH24:MI')",
+    "days": "s.days::text",
+}
 
 GENERATE_BILLS = f"""
 WITH billable AS (
@@ -53,21 +79,10 @@ WITH billable AS (
     RETURNING id, subscriber_id, amount, due_at
 ), note AS (
     INSERT INTO notifications (tenant_id, subscriber_id, channel, recipient, template, body,
-                               dedupe_key)
+                               dedupe_key, vars)
     SELECT s.tenant_id, s.id, {_channel("$6")}, COALESCE(s.phone, s.email), 'invoice',
-           {
-    RENDER.format(
-        tpl="$5",
-        name="s.username",
-        package="p.name",
-        period="$2",
-        amount="inv.amount::text",
-        due_date="to_char(inv.due_at AT TIME ZONE $7, 'YYYY-MM-DD')",
-        expires_at="''",
-        days="''",
-    )
-},
-           'invoice:' || inv.id
+           {RENDER.format(tpl="$5", **_INVOICE_VARS)},
+           'invoice:' || inv.id, {VARS.format(**_INVOICE_VARS)}
     -- Joined through primary keys, not CTE to CTE: right after a bulk import the planner
     -- has no statistics yet, and a nested loop of two CTE scans is quadratic.
     FROM inv JOIN subscribers s ON s.id = inv.subscriber_id JOIN packages p ON p.id = s.package_id
@@ -104,21 +119,11 @@ WITH due AS (
       AND COALESCE(s.phone, s.email) IS NOT NULL
 ), note AS (
     INSERT INTO notifications (tenant_id, subscriber_id, channel, recipient, template, body,
-                               dedupe_key)
+                               dedupe_key, vars)
     SELECT s.tenant_id, s.id, {_channel("$3")}, COALESCE(s.phone, s.email), 'reminder',
-           {
-    RENDER.format(
-        tpl=_tpl("reminder", "$2"),
-        name="s.username",
-        package="p.name",
-        period="''",
-        amount="p.price::text",
-        due_date="''",
-        expires_at="to_char(s.expires_at AT TIME ZONE s.time_zone, 'YYYY-MM-DD HH24:MI')",
-        days="s.days::text",
-    )
-},
-           'reminder:' || s.id || ':' || extract(epoch FROM s.expires_at)::bigint || ':' || s.days
+           {RENDER.format(tpl=_tpl("reminder", "$2"), **_REMINDER_VARS)},
+           'reminder:' || s.id || ':' || extract(epoch FROM s.expires_at)::bigint || ':' || s.days,
+           {VARS.format(**_REMINDER_VARS)}
     FROM due s JOIN packages p ON p.id = s.package_id
     WHERE s.rn = 1
     ON CONFLICT (dedupe_key) DO NOTHING
@@ -192,8 +197,9 @@ async def tenants_due_for_bills(db: Executor, periods: dict[int, str]) -> list[i
 async def notification(db: Executor, notification_id: int) -> asyncpg.Record | None:
     return await db.fetchrow(
         """
-        SELECT n.*, t.name AS tenant_name FROM notifications n
-        LEFT JOIN tenants t ON t.id = n.tenant_id WHERE n.id = $1
+        SELECT n.*, t.name AS tenant_name, tm.account FROM notifications n
+        LEFT JOIN tenants t ON t.id = n.tenant_id
+        LEFT JOIN tenant_messaging tm ON tm.tenant_id = n.tenant_id WHERE n.id = $1
         """,
         notification_id,
     )
@@ -288,6 +294,16 @@ async def mark_attempt_failed(
         return True
 
 
+async def release_claim(db: Executor, notification_id: int, claimant: str) -> None:
+    """Give the claim back without counting an attempt (the message is held, not failed)."""
+    await db.execute(
+        "UPDATE notifications SET sending_at = NULL, sending_by = NULL"
+        " WHERE id = $1 AND sending_by = $2 AND status = 'queued'",
+        notification_id,
+        claimant,
+    )
+
+
 def as_dict(row: asyncpg.Record | None) -> dict[str, Any] | None:
     return None if row is None else dict(row)
 
@@ -321,7 +337,8 @@ async def recent_notifications(
     rows = await db.fetch(
         """
         SELECT id, subscriber_id, channel, recipient, template, status, attempts,
-               provider_message_id, error, created_at, sent_at
+               provider, provider_message_id, status_code, status_at, sent_as, fallback_of,
+               fallback_id, error, created_at, sent_at
         FROM notifications WHERE $1::bigint IS NULL OR subscriber_id = $1
         ORDER BY id DESC LIMIT $2
         """,

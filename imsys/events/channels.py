@@ -8,15 +8,21 @@ been stopped: it is running.
 Jobs that send through a channel call `ChannelControl.ensure_running` first; while the
 channel is stopped it raises `Deferred`, so the job waits in the delayed store without
 failing or spending an attempt, and goes out within ``hold_s`` of ``start``.
+
+A channel also stops for one tenant when its provider says the account has no credit
+(`ChannelControl.out_of_credit`): the hash ``<prefix>:service:<channel>:out_of_credit``
+maps the tenant id to when and why. ``start`` of the channel clears every tenant's stop;
+``start`` with a ``tenant_id`` clears that tenant's only.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
+import orjson
 from redis.asyncio import Redis
 
 from imsys.backoff import REDIS_DOWN
@@ -55,6 +61,8 @@ class ServiceState:
     since: int | None
     by: str | None
     changed: bool = False
+    # Tenants this channel is stopped for, out of credit: {tenant_id, since, reason}.
+    out_of_credit: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def running(self) -> bool:
@@ -83,15 +91,42 @@ class ChannelControl:
     def key(self, channel: str) -> str:
         return self.keys.channel(channel)
 
-    async def ensure_running(self, channel: str) -> None:
-        """Return if ``channel`` may send; raise `Deferred` (no attempt spent) if stopped."""
+    def credit_key(self, channel: str) -> str:
+        return f"{self.key(channel)}:out_of_credit"
+
+    async def ensure_running(self, channel: str, tenant_id: int | None = None) -> None:
+        """Return if ``channel`` may send (for ``tenant_id``); raise `Deferred` (no attempt
+        spent) if it is stopped, or out of credit for that tenant."""
         try:
-            state = await self.redis.hget(self.key(channel), "state")
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hget(self.key(channel), "state")
+            pipe.hexists(self.credit_key(channel), str(tenant_id or 0))
+            state, no_credit = await pipe.execute()
         except REDIS_DOWN:
             # Not the job's fault: wait without spending an attempt.
             raise Deferred(f"state of channel {channel} unreadable", delay=self._hold()) from None
-        if state == "stopped":
+        if _text(state) == "stopped":
             raise Deferred(f"channel {channel} is stopped (service_control)", delay=self._hold())
+        if no_credit:
+            raise Deferred(
+                f"channel {channel} is out of credit for tenant {tenant_id} (service_control"
+                " start resumes it)",
+                delay=self._hold(),
+            )
+
+    async def out_of_credit(self, channel: str, tenant_id: int | None, reason: str) -> bool:
+        """Stop ``channel`` for ``tenant_id``; True when it was running for it until now."""
+        value = orjson.dumps({"since": int(time.time() * 1000), "reason": reason[:300]})
+        return bool(await self.redis.hsetnx(self.credit_key(channel), str(tenant_id or 0), value))
+
+    async def credit_stops(self, channel: str) -> list[dict[str, Any]]:
+        raw = await self.redis.hgetall(self.credit_key(channel))
+        out = []
+        for tenant, value in sorted(raw.items()):
+            info = orjson.loads(value)
+            tid = int(_text(tenant))
+            out.append({"tenant_id": tid or None, **info})
+        return out
 
     def _hold(self) -> float:
         # Spread so a held backlog does not come back in one lump every hold_s.
@@ -105,13 +140,23 @@ class ChannelControl:
             state="stopped" if state == "stopped" else "running",
             since=int(since) if since else None,
             by=by or None,
+            out_of_credit=await self.credit_stops(channel),
         )
 
     async def statuses(self) -> list[ServiceState]:
         return [await self.status(c) for c in CHANNELS]
 
-    async def start(self, channel: str, by: str) -> ServiceState:
-        return await self._change(channel, "running", by)
+    async def start(self, channel: str, by: str, tenant_id: int | None = None) -> ServiceState:
+        """Run ``channel`` again; with ``tenant_id``, only end that tenant's credit stop."""
+        if tenant_id is not None:
+            cleared = await self.redis.hdel(self.credit_key(channel), str(tenant_id))
+            state = await self.status(channel)
+            return ServiceState(**{**state.as_dict(), "changed": bool(cleared)})
+        cleared = await self.redis.delete(self.credit_key(channel))
+        state = await self._change(channel, "running", by)
+        if cleared and not state.changed:
+            state = ServiceState(**{**state.as_dict(), "changed": True})
+        return state
 
     async def stop(self, channel: str, by: str) -> ServiceState:
         return await self._change(channel, "stopped", by)

@@ -26,6 +26,8 @@ class ServiceControl(BaseModel):
     action: Literal["start", "stop", "restart", "status"]
     service: Channel
     requested_by: str | None = Field(default=None, min_length=1, max_length=200)
+    # ``start`` with a tenant: end only that tenant's out-of-credit stop.
+    tenant_id: int | None = Field(default=None, gt=0)
 
 
 SERVICE_CONTROL = JobSpec("events", "service_control", ServiceControl)
@@ -60,4 +62,4 @@ async def _apply(channels: ChannelControl, p: ServiceControl, by: str) -> Servic
         return await channels.restart(p.service, by)
     if p.action == "stop":
         return await channels.stop(p.service, by)
-    return await channels.start(p.service, by)
+    return await channels.start(p.service, by, p.tenant_id)

@@ -17,7 +17,7 @@ import orjson
 
 from imsys.provider_settings import SmsConfig
 from imsys.providers._http import HttpProvider, redact, shorten
-from imsys.providers.errors import ProviderRejected, ProviderUnavailable
+from imsys.providers.errors import OutOfCredits, ProviderRejected, ProviderUnavailable
 
 __all__ = ["SmsClient"]
 
@@ -95,7 +95,7 @@ class SmsClient:
         if not to.strip():
             raise ProviderRejected(cfg.name, "SMS not sent", detail="no recipient number")
         values = {"to": to.strip(), "message": message, "sender": cfg.sender,
-                  "username": cfg.username}
+                  "username": cfg.username, "status_callback": cfg.status_callback}
         body = render(cfg.body, values)
         headers = dict(self._headers)
         request: dict[str, Any]
@@ -137,6 +137,8 @@ class SmsClient:
         code = shorten(redact(text, hidden), 60)
         if text in cfg.retryable_statuses:
             raise ProviderUnavailable(cfg.name, "recipient status", code=code)
+        if text in cfg.out_of_credit_statuses:
+            raise OutOfCredits(cfg.name, "account out of credit", code=code)
         raise ProviderRejected(cfg.name, "recipient refused", code=code)
 
     def _excerpt(self, data: Any, hidden: tuple[str, ...]) -> str:

@@ -50,6 +50,7 @@ class WhatsAppClient:
         self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json",
                          "Content-Type": "application/json"}
         self._url = f"{config.base_url}/{config.phone_number_id}/messages"
+        self.phone_number_id = config.phone_number_id
         # Told after each answer whether Meta took the token (False on its 401), so the
         # caller can report the Cloud API "connected" / "disconnected"; never raises.
         self.on_token: TokenObserver | None = None

@@ -12,6 +12,18 @@ It speaks four dialects so any provider client can be pointed at it:
 
 Errors come in each dialect's own shape. A message is recorded only once it is accepted;
 `GatewaySimulator.attempts` counts every call, refused and failed ones included.
+
+Like the real services (``gateway_callbacks`` sends what comes back):
+
+- an accepted message gets delivery receipts (`GatewaySimulator.receipts`: where to,
+  delay, how many fail or are read); a Twilio message gets them at its ``StatusCallback``;
+- WhatsApp free-form text reaches only a customer who wrote in the last 24 hours
+  (`GatewaySimulator.inbound` opens the window): outside it the API accepts the message
+  and its status comes back ``failed`` with 131047;
+- once templates are registered (`add_template`), an unknown name or language answers
+  132001 and a wrong number of body parameters 132000;
+- a balance (`set_balance`, in messages) that runs out: Africa's Talking answers the
+  recipient ``InsufficientBalance`` (405), WhatsApp 131042 (payment issue).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import hmac
 import logging
 import re
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +45,8 @@ from typing import Any, Final, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from imsys.sim.gateway_callbacks import Callbacks, Receipts
 
 __all__ = [
     "DEFAULT_PORT",
@@ -54,6 +69,9 @@ DEFAULT_TWILIO_SID: Final = "AC" + "0" * 32
 DEFAULT_TWILIO_TOKEN: Final = "twilio-sim-token"  # noqa: S105
 DEFAULT_SMS_TOKEN: Final = "sms-sim-token"  # noqa: S105
 DEFAULT_WHATSAPP_TOKEN: Final = "whatsapp-sim-token"  # noqa: S105
+DEFAULT_PHONE_NUMBER_ID: Final = "100000000000001"
+# Meta's customer service window.
+WINDOW_S: Final = 24 * 3600.0
 
 Channel = Literal["sms", "whatsapp"]
 Api = Literal["africastalking", "twilio", "generic", "whatsapp"]
@@ -160,6 +178,52 @@ class GatewaySimulator:
         self._runner: web.AppRunner | None = None
         self._host = ""
         self._port = 0
+        self.callbacks = Callbacks(Receipts())
+        # (name, language) → number of body parameters; empty: any template is known.
+        self.templates: dict[tuple[str, str], int] = {}
+        # wa_id → epoch seconds of the customer's last message.
+        self.windows: dict[str, float] = {}
+        # api → messages left; an api not here has no limit.
+        self.balance: dict[str, int] = {}
+
+    # --- the outside world's behaviour ----------------------------------------------------
+
+    @property
+    def receipts(self) -> Receipts:
+        """Where receipts go and how they turn out; change its fields at any time."""
+        return self.callbacks.receipts
+
+    def add_template(self, name: str, language: str = "en", params: int = 0) -> None:
+        """An approved template with ``params`` body parameters."""
+        self.templates[(name, language)] = params
+
+    def set_balance(self, api: Api, messages: int | None) -> None:
+        """``messages`` more accepted on ``api``, then the account is out of credit."""
+        if messages is None:
+            self.balance.pop(api, None)
+        else:
+            self.balance[api] = messages
+
+    async def inbound(self, wa_id: str, text: str = "hi",
+                      phone_number_id: str = DEFAULT_PHONE_NUMBER_ID) -> str:
+        """The customer ``wa_id`` writes to the business: opens their 24-hour window and
+        posts the message to the WhatsApp webhook. Returns its wamid."""
+        self.windows[wa_id.lstrip("+")] = time.time()
+        return await self.callbacks.inbound(phone_number_id, wa_id.lstrip("+"), text)
+
+    def in_window(self, to: str) -> bool:
+        opened = self.windows.get(to.lstrip("+"))
+        return opened is not None and time.time() - opened < WINDOW_S
+
+    def _spend(self, api: Api) -> bool:
+        """Take one message off ``api``'s balance; False when it has run out."""
+        left = self.balance.get(api)
+        if left is None:
+            return True
+        if left <= 0:
+            return False
+        self.balance[api] = left - 1
+        return True
 
     # --- server -------------------------------------------------------------------------
 
@@ -196,6 +260,7 @@ class GatewaySimulator:
         """Stop listening, cutting stalled calls short; idempotent. Records are kept."""
         runner, self._runner = self._runner, None
         self._stopping.set()
+        await self.callbacks.close()
         if runner is not None:
             await runner.cleanup()
 
@@ -404,8 +469,13 @@ async def _africastalking(request: web.Request) -> web.StreamResponse:
             recipients.append({"number": number, "status": "InvalidPhoneNumber",
                                "statusCode": 403, "messageId": "None", "cost": "0"})
             continue
+        if not sim._spend("africastalking"):
+            recipients.append({"number": number, "status": "InsufficientBalance",
+                               "statusCode": 405, "messageId": "None", "cost": "0"})
+            continue
         sent = sim._record("sms", "africastalking", number, message,
                            f"ATXid_{secrets.token_hex(16)}", sender)
+        sim.callbacks.africastalking_message(sent.provider_id, number)
         recipients.append({"number": number, "status": "Success", "statusCode": 101,
                            "messageId": sent.provider_id, "cost": "KES 0.8000"})
     ok = sum(r["statusCode"] == 101 for r in recipients)
@@ -432,6 +502,13 @@ async def _twilio(request: web.Request) -> web.StreamResponse:
     sent = sim._record("sms", "twilio", to.strip(), body, f"SM{secrets.token_hex(16)}",
                        sender if isinstance(sender, str) else None)
     account = sim.twilio_account_sid
+    callback = form.get("StatusCallback")
+    if isinstance(callback, str) and callback:
+        sim.callbacks.twilio_message(callback, sim.twilio_auth_token, {
+            "MessageSid": sent.provider_id, "SmsSid": sent.provider_id,
+            "AccountSid": account, "From": sent.sender or "", "To": sent.to,
+            "ApiVersion": "2010-04-01",
+        })
     stamp = sent.at.strftime("%a, %d %b %Y %H:%M:%S +0000")
     uri = f"/2010-04-01/Accounts/{account}/Messages/{sent.provider_id}"
     return web.json_response({
@@ -487,6 +564,22 @@ def _template_text(template: dict[str, Any]) -> str | None:
     return " ".join(texts)
 
 
+def _check_template(sim: GatewaySimulator, template: dict[str, Any]) -> web.Response | None:
+    """132001 for a template not approved (name and language), 132000 for a wrong count."""
+    if not sim.templates:
+        return None
+    key = (str(template.get("name")), str(template["language"]["code"]))
+    if key not in sim.templates:
+        return _api_error("whatsapp", 404, "(#132001) Template name does not exist in the "
+                          "translation", 132001)
+    given = sum(len(c.get("parameters", [])) for c in template.get("components", [])
+                if c.get("type") == "body")
+    if given != sim.templates[key]:
+        return _api_error("whatsapp", 400, "(#132000) Number of parameters does not match "
+                          "the expected number of params", 132000)
+    return None
+
+
 async def _whatsapp(request: web.Request) -> web.StreamResponse:
     sim = request.app[GATEWAY_SIM]
     try:
@@ -514,11 +607,21 @@ async def _whatsapp(request: web.Request) -> web.StreamResponse:
         if not isinstance(name, str) or not name or rendered is None:
             return _api_error("whatsapp", 400,
                               "(#100) template needs a name, a language code and components")
+        assert isinstance(template, dict)
+        refused = _check_template(sim, template)
+        if refused is not None:
+            return refused
         body, template_name = rendered, name
     else:
         return _api_error("whatsapp", 400, f"(#100) Unsupported message type: {kind}")
+    if not sim._spend("whatsapp"):
+        return _api_error("whatsapp", 400, "Business eligibility payment issue", 131042)
     wamid = "wamid." + base64.b64encode(secrets.token_bytes(30)).decode()
     sim._record("whatsapp", "whatsapp", to, body, wamid, template=template_name)
+    phone_id = request.match_info.get("phone_id", DEFAULT_PHONE_NUMBER_ID)
+    # Free-form text outside the window is accepted, then fails (Meta: 131047).
+    sim.callbacks.whatsapp_message(phone_id, wamid, to, outside_window=(
+        template_name is None and not sim.in_window(to)))
     message: dict[str, str] = {"id": wamid}
     if template_name is not None:
         message["message_status"] = "accepted"

@@ -72,13 +72,25 @@ async def test_sync_publishes_its_events(stack: Stack) -> None:
 
 
 async def test_every_kind_appears_on_the_stream(ev: EventsStack, stack: Stack) -> None:
-    """OTP, service, notification and guard events join the sync ones: all ten kinds
-    appear."""
+    """OTP, service, notification, guard and the seed's e-mail / WhatsApp-token events
+    join the sync ones: every kind of EventType appears."""
     await drive_sync(stack)
     await ev.enqueue("whatsapp_otp", otp_payload())
     await ev.enqueue("email_otp", otp_payload(recipient=EMAIL, expires_at=now_ms() - 1))
     await ev.enqueue("service_control", {"action": "status", "service": "sms"})
     await ev.step()
+    # The seed's names: email-sent with an e-mail sent; whatsapp-disconnected when Meta
+    # refuses the token (whatsapp-connected came with the first WhatsApp answer).
+    await ev.enqueue("email_otp", otp_payload(recipient=EMAIL))
+    await ev.settle(lambda: bool(ev.mail.messages))
+    good, ev.gateway.whatsapp_token = ev.gateway.whatsapp_token, "revoked"
+
+    async def refused() -> bool:
+        return bool(await ev.events("whatsapp-disconnected"))
+
+    await ev.enqueue("whatsapp_otp", otp_payload(otp="246810"))
+    await ev.settle(refused)
+    ev.gateway.whatsapp_token = good
     # Billing publishes these two; their shape is the publisher's.
     await ev.deps.events.publish(
         "notification_sent",

@@ -384,7 +384,25 @@
 
   // --- refresh loop --------------------------------------------------------------------
 
+  // A channel out of credit for a tenant: its messages are held until
+  // service_control start (GET /api/channels).
+  async function credit() {
+    const data = await api("GET", "/api/channels");
+    const stops = [];
+    for (const c of data.channels) {
+      for (const t of c.out_of_credit || []) {
+        stops.push(`${c.service} out of credit for tenant ${t.tenant_id ?? "(global)"}: ${t.reason}`);
+      }
+    }
+    const node = $("credit-banner");
+    node.hidden = stops.length === 0;
+    node.textContent = stops.length
+      ? `${stops.join(" · ")} — messages are held; top up, then service_control start.`
+      : "";
+  }
+
   const SECTIONS = [
+    ["credit", credit],
     ["queues", queues],
     ["routers", async () => { await routers(); await subscribers().catch((e) => fail("subscribers", e)); }],
     ["dead", deadLetters],

@@ -135,6 +135,24 @@ class RouterGuardTripped(Payload):
     subscribers: int
 
 
+class EmailSent(Payload):
+    """The seed's name for an e-mail that went out: which imsys event it mirrors and
+    that event's id (the OTP job's entry id, or the notification id)."""
+
+    of: Literal["otp_sent", "notification_sent"]
+    id: str | None
+    provider_message_id: str | None
+
+
+class WhatsAppConnected(Payload):
+    phone_number_id: str
+
+
+class WhatsAppDisconnected(Payload):
+    phone_number_id: str
+    error: str
+
+
 @dataclass(frozen=True, slots=True)
 class EventSpec:
     name: str  # the entry's ``type`` field
@@ -149,24 +167,6 @@ EVENTS: dict[str, EventSpec] = {
         EventSpec("otp_failed", OtpFailed, "a one-time password was not sent, for good"),
         EventSpec("notification_sent", NotificationSent, "the provider accepted a message"),
         EventSpec("notification_failed", NotificationFailed, "a message failed for good"),
-        EventSpec("service_status", ServiceStatus, "a service_control job ran"),
-        EventSpec("subscriber_synced", SubscriberSynced, "a subscriber's router entry matches"),
-        EventSpec(
-            "subscriber_sync_failed",
-            SubscriberSyncFailed,
-            "a sync attempt failed, or an unmanaged entry blocks the subscriber",
-        ),
-        EventSpec("router_online", RouterOnline, "a router answers again"),
-        EventSpec("router_offline", RouterOffline, "a router stopped answering"),
-        EventSpec(
-            "router_guard_tripped",
-            RouterGuardTripped,
-            "the mass-disconnect guard holds a router's disconnections",
-        ),
-    )
-}
-
-
         EventSpec(
             "notification_delivered",
             NotificationDelivered,
@@ -182,6 +182,39 @@ EVENTS: dict[str, EventSpec] = {
             ChannelOutOfCredit,
             "a provider said a tenant's account has no credit: the channel stops for it",
         ),
+        EventSpec("service_status", ServiceStatus, "a service_control job ran"),
+        EventSpec("subscriber_synced", SubscriberSynced, "a subscriber's router entry matches"),
+        EventSpec(
+            "subscriber_sync_failed",
+            SubscriberSyncFailed,
+            "a sync attempt failed, or an unmanaged entry blocks the subscriber",
+        ),
+        EventSpec("router_online", RouterOnline, "a router answers again"),
+        EventSpec("router_offline", RouterOffline, "a router stopped answering"),
+        EventSpec(
+            "router_guard_tripped",
+            RouterGuardTripped,
+            "the mass-disconnect guard holds a router's disconnections",
+        ),
+        EventSpec(
+            "email-sent",
+            EmailSent,
+            "an e-mail went out (the seed's name; besides otp_sent / notification_sent)",
+        ),
+        EventSpec(
+            "whatsapp-connected",
+            WhatsAppConnected,
+            "Meta takes the WhatsApp Cloud API token again (or for the first time)",
+        ),
+        EventSpec(
+            "whatsapp-disconnected",
+            WhatsAppDisconnected,
+            "Meta refused the WhatsApp Cloud API token (401): messages fail until fixed",
+        ),
+    )
+}
+
+
 def check(type_: str, payload: Mapping[str, Any]) -> str | None:
     """Why ``payload`` is not what `EVENTS` declares for ``type_``, or None when it is."""
     spec = EVENTS.get(type_)

@@ -489,12 +489,3 @@ CREATE INDEX IF NOT EXISTS subscriber_wireless_router
 -- no entry anywhere yet: '{}'.
 ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_entries jsonb;
 ALTER TABLE subscribers ALTER COLUMN router_entries SET DEFAULT '{}'::jsonb;
-
--- === Router entry ids (imsys/sync/batch.py) ===
--- The router's `.id` of each entry imsys manages for the subscriber ({"/ppp/secret":
--- "*1A"}), so a sync looks its entries up by id instead of scanning the menu by
--- comment. NULL: not known (rows from before this column, or a write whose outcome was
--- lost): the next sync finds them by comment and keeps their ids. A new subscriber has
--- no entry anywhere yet: '{}'.
-ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_entries jsonb;
-ALTER TABLE subscribers ALTER COLUMN router_entries SET DEFAULT '{}'::jsonb;

@@ -8,7 +8,7 @@ backend reads it with a consumer group of its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import orjson
@@ -92,3 +92,25 @@ class EventPublisher:
         if alias is not None:
             await self.publish("email-sent", alias)
         return str(entry_id)
+
+    async def publish_many(self, events: Sequence[tuple[EventType, Mapping[str, Any]]]) -> int:
+        """Add several events in one round trip (a pipeline); how many were added. A
+        Redis outage loses them (logged), never the jobs."""
+        if not events:
+            return 0
+        now = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for type_, payload in events:
+            off_contract(type_, payload)
+            pipe.xadd(
+                self.key,
+                {"type": type_, "payload": orjson.dumps(payload).decode(), "ts": str(now)},
+                minid=str(now - self.retention_ms),
+                approximate=False,
+            )
+        try:
+            await pipe.execute()
+        except REDIS_DOWN as exc:
+            log.warning("backend_events_lost", count=len(events), error=redact_text(str(exc)))
+            return 0
+        return len(events)

@@ -142,8 +142,10 @@ class StreamPolicy(BaseModel):
 
 def _default_streams() -> dict[str, StreamPolicy]:
     return {
+        # Many in flight: sync_subscriber jobs wait in their router's batch (SyncSettings
+        # .batch_size), so this bounds the batches, not the routers' connections.
         "sync": StreamPolicy(
-            concurrency=50, max_attempts=10, backoff=[10, 60, 300, 900], job_timeout_s=300
+            concurrency=1000, max_attempts=10, backoff=[10, 60, 300, 900], job_timeout_s=300
         ),
         "billing": StreamPolicy(concurrency=20, max_attempts=3, job_timeout_s=900),
         "events": StreamPolicy(concurrency=20, max_attempts=3, job_timeout_s=120),
@@ -183,6 +185,9 @@ class SyncSettings(BaseModel):
     """Router sync: reconciliation, expiry sweep, router facts, circuit breaker, guard."""
 
     model_config = ConfigDict(extra="forbid")
+    # Most sync_subscriber jobs of one router taken together over one connection
+    # (imsys/sync/batch.py): one read per menu and the writes sent back to back.
+    batch_size: int = Field(default=500, ge=1, le=10_000)
 
     # Entries imsys manages carry the comment "<tag>:sub=<subscriber id>"; others are
     # never touched.

@@ -16,7 +16,8 @@ import pytest
 from imsys.errors import FencedOut
 from imsys.streams.job import Job
 from imsys.streams.keys import GROUP
-from imsys.sync import handlers
+from imsys.sync import batch
+from imsys.sync.context import SyncContext
 from imsys.sync.handlers import reboot_router, sync_subscriber
 from imsys.sync.jobs import RouterJob, SyncSubscriber
 from imsys.sync.reconcile import sync_router
@@ -101,20 +102,25 @@ async def test_stale_run_after_another_claim_writes_nothing_and_no_false_error(
         await stack.deps.redis.xclaim(key, GROUP, "other-b", 0, [entry_id])
         _, job_b = registry.parse("sync", entry_id, fields)
         job_b.delivery = 2
-        await sync_subscriber(stack.sync, job_b)
+        # Another process: its own router connections and its own batches.
+        other = SyncContext.build(stack.deps)
+        try:
+            await sync_subscriber(other, job_b)
+        finally:
+            await other.close()
 
     if freeze_at == "before_the_twin_check":
-        # Frozen after reading the router, before looking for a same-named entry: the
-        # other run's entry then looks like a twin imsys does not manage (a false error).
-        original = handlers._unmanaged_twin
+        # Frozen right after reading the router: the other run's entry then appears
+        # after this run looked (a false twin error, or a second add).
+        original = batch.find_entries
         frozen = [other_process_takes_over]
 
-        async def frozen_then_check(ros: Any, steps: Any) -> dict[str, str] | None:
+        async def read_then_freeze(ros: Any, items: Any, tag: str) -> None:
+            await original(ros, items, tag)
             if frozen:  # the other process's own run passes straight through
                 await frozen.pop()()
-            return await original(ros, steps)
 
-        monkeypatch.setattr(handlers, "_unmanaged_twin", frozen_then_check)
+        monkeypatch.setattr(batch, "find_entries", read_then_freeze)
         fence = owner_fence(stack, "stale-a", before=_nothing)
     else:
         fence = owner_fence(stack, "stale-a", before=other_process_takes_over)

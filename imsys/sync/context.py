@@ -6,7 +6,7 @@ sync's alone, so they live here, built by ``SyncContext.build`` when sync regist
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -15,6 +15,7 @@ from imsys.publisher import EventPublisher
 from imsys.routeros import RouterPool
 from imsys.settings import Settings
 from imsys.streams.engine import Engine
+from imsys.sync.batcher import SyncBatcher
 from imsys.sync.circuit import RouterCircuit
 
 
@@ -23,6 +24,12 @@ class SyncContext:
     deps: Deps
     routers: RouterPool
     circuit: RouterCircuit
+    # This process's per-router batches of sync_subscriber jobs (sync/batcher.py).
+    batcher: SyncBatcher = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        batcher = SyncBatcher(self, self.deps.settings.sync.batch_size)
+        object.__setattr__(self, "batcher", batcher)
 
     @classmethod
     def build(cls, deps: Deps) -> SyncContext:

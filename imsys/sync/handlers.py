@@ -15,13 +15,11 @@ import structlog
 
 from imsys.errors import Deferred, FencedOut, PermanentError, RetryableError
 from imsys.routeros import RouterAuthError, RouterSession, RouterTarget, RouterUnavailable
-from imsys.routeros.menus import HOTSPOT_ACTIVE, LOGIN_BY_SERVICE, PPP_ACTIVE, SYSTEM_REBOOT
+from imsys.routeros.menus import HOTSPOT_ACTIVE, PPP_ACTIVE, SYSTEM_REBOOT
 from imsys.streams.job import Job
 from imsys.sync import repo
 from imsys.sync.context import SyncContext
-from imsys.sync.desired import Plan, marker, plan, public_fields
 from imsys.sync.jobs import RouterJob, SyncSubscriber
-from imsys.sync.profiles import ensure_profile, names_profile
 from imsys.tenants import require_active
 
 log = structlog.get_logger("imsys.sync")
@@ -103,16 +101,6 @@ async def router_came_online(ctx: SyncContext, router_id: int) -> None:
         await ctx.events.publish("router_online", {"router_id": router_id})
 
 
-async def read_managed(
-    ros: RouterSession, tag: str, subscriber_id: int
-) -> dict[str, list[dict[str, str]]]:
-    """The entries imsys manages for one subscriber, in each menu."""
-    mark = marker(tag, subscriber_id)
-    return {
-        menu: await ros.print(menu, where={"comment": mark}) for menu in LOGIN_BY_SERVICE.values()
-    }
-
-
 class Auditor:
     """Audits each router command before sending it, for each cause it carries out.
 
@@ -176,47 +164,6 @@ class Auditor:
         return result
 
 
-async def apply_plan(ros: RouterSession, p: Plan, audit: Auditor) -> None:
-    """The removes in every menu, then the adds, then the sets."""
-    for c in p.changes:
-        for item_id in c.remove:
-            await audit.run(
-                f"remove {c.menu}", {"id": item_id}, partial(ros.remove, c.menu, item_id)
-            )
-    for c in p.changes:
-        if c.add is not None:
-            await audit.run(f"add {c.menu}", public_fields(c.add), partial(ros.add, c.menu, c.add))
-    for c in p.changes:
-        if c.set and c.set_id is not None:
-            await audit.run(
-                f"set {c.menu}",
-                {"id": c.set_id, **public_fields(c.set)},
-                partial(ros.set, c.menu, c.set_id, c.set),
-            )
-
-
-async def _apply_recording_password(
-    ctx: SyncContext,
-    job: Job[SyncSubscriber],
-    sub: repo.SubscriberRow,
-    ros: RouterSession,
-    steps: Plan,
-    audit: Auditor,
-) -> None:
-    """``apply_plan``, keeping the digest of the password the entry holds up to date.
-
-    Cleared before a write that sends the password (its reply may be lost, and then the
-    router may hold either), recorded once the plan is applied.
-    """
-    if steps.writes_password and sub.desired.written_password is not None:
-        await repo.set_written_password(ctx.db, sub.id, None, fence=job.ensure_current)
-    await apply_plan(ros, steps, audit)
-    if steps.password_digest is not None:
-        await repo.set_written_password(
-            ctx.db, sub.id, steps.password_digest, fence=job.ensure_current
-        )
-
-
 async def end_sessions(ros: RouterSession, username: str, audit: Auditor) -> None:
     """Kick the subscriber's live sessions, then check that those sessions really ended.
 
@@ -243,86 +190,9 @@ async def end_sessions(ros: RouterSession, username: str, audit: Auditor) -> Non
 
 
 async def sync_subscriber(ctx: SyncContext, job: Job[SyncSubscriber]) -> None:
-    p = job.payload
-    sub = await repo.load_subscriber(ctx.db, p.subscriber_id)
-    if sub is None:
-        raise PermanentError(f"subscriber {p.subscriber_id} does not exist")
-    router = await repo.load_router(ctx.db, sub.router_id)
-    if router is None:
-        raise PermanentError(f"router {sub.router_id} of subscriber {sub.id} does not exist")
-    tag = ctx.settings.sync.comment_tag
-    correlations = list(dict.fromkeys([*sub.correlations, p.correlation_id or f"job:{job.id}"]))
-    audit = Auditor(
-        ctx,
-        job,
-        correlations=correlations,
-        cause=p.cause,
-        tenant_id=sub.tenant_id,
-        router_id=sub.router_id,
-        subscriber_id=sub.id,
-    )
-    kicked = False
-    twin: dict[str, str] | None = None
-    try:
-        async with router_session(ctx, router, job) as ros:
-            managed = await read_managed(ros, tag, sub.id)
-            steps = plan(sub.desired, managed, tag)
-            if any(c.add is not None for c in steps.changes):
-                twin = await _unmanaged_twin(ros, steps)  # blocked: no write at all
-            if twin is None and sub.desired.present and (sub.kick_required or names_profile(steps)):
-                # A login that names its package's profile (new, or a new package), or a
-                # session about to restart, needs that profile there with its rate first.
-                await ensure_profile(ctx.db, ros, sub.id, sub.desired.service, tag, audit)
-            if twin is None:
-                await _apply_recording_password(ctx, job, sub, ros, steps, audit)
-                if sub.kick_required or sub.desired.disabled:
-                    await end_sessions(ros, sub.desired.username, audit)
-                    kicked = True
-    except Deferred:
-        raise
-    except (PermanentError, RetryableError) as exc:
-        # Fenced: a stale run (its claim taken while it stalled) writes no status and
-        # publishes nothing; its error may be an artefact of the other run's work.
-        await repo.mark_error(ctx.db, sub, str(exc), fence=job.ensure_current)
-        await ctx.events.publish(
-            "subscriber_sync_failed",
-            {
-                "subscriber_id": sub.id,
-                "router_id": sub.router_id,
-                "error": str(exc),
-                "attempt": job.attempt,
-            },
-        )
-        raise
-    if twin is not None:
-        await _blocked(ctx, job, sub, twin)
-        return
-    if not await repo.mark_synced(ctx.db, sub, kicked=kicked, fence=job.ensure_current):
-        # The desired state changed while we worked: go again with the new one.
-        raise Deferred(f"subscriber {sub.id} changed during its sync", delay=0.05)
-    changed = [d["action"] for d in steps.describe()]
-    await ctx.events.publish(
-        "subscriber_synced",
-        {"subscriber_id": sub.id, "router_id": sub.router_id, "changed": changed, "kicked": kicked},
-    )
-    log.info(
-        "subscriber_synced",
-        subscriber_id=sub.id,
-        router_id=sub.router_id,
-        changed=changed,
-        kicked=kicked,
-    )
-
-
-async def _unmanaged_twin(ros: RouterSession, steps: Plan) -> dict[str, str] | None:
-    """The entry (menu, id, name) that holds the name an add needs, or None."""
-    for c in steps.changes:
-        if c.add is None:
-            continue
-        twins = await ros.print(c.menu, where={"name": c.add["name"]})
-        if twins:
-            return {"menu": c.menu, "id": twins[0][".id"], "name": c.add["name"]}
-    return None
+    """Align one subscriber's router entry, in a batch with the other jobs of its router
+    that this process is running (``sync/batch.py``); the outcome is this job's own."""
+    await ctx.batcher.run(job)
 
 
 def blocked_reason(router_id: int, twin: dict[str, str]) -> str:

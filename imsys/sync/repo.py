@@ -23,7 +23,7 @@ Fence = Callable[[], Awaitable[None]]
 SUBSCRIBER_FOR_SYNC = """
 SELECT s.id, s.tenant_id, s.router_id, s.username, s.password, s.service, s.is_suspended,
        s.deleted_at IS NOT NULL AS deleted, s.desired_version, s.kick_required, p.profile,
-       s.router_password_hash,
+       s.router_password_hash, s.router_entries,
        s.sync_status, s.pending_correlations,
        s.blocked_version IS NOT DISTINCT FROM s.desired_version AS blocked
 FROM subscribers s JOIN packages p ON p.id = s.package_id
@@ -50,6 +50,8 @@ class SubscriberRow:
     correlations: list[str]
     # Blocked by an unmanaged twin at this version (see ``mark_blocked``).
     blocked: bool = False
+    # The router's `.id` of each managed entry (menu -> id); None: unknown, look by comment.
+    entries: dict[str, str] | None = None
 
 
 def subscriber_from(row: asyncpg.Record) -> SubscriberRow:
@@ -72,7 +74,15 @@ def subscriber_from(row: asyncpg.Record) -> SubscriberRow:
         sync_status=row["sync_status"],
         correlations=list(row["pending_correlations"]),
         blocked=bool(row["blocked"]),
+        entries=_entries(row.get("router_entries")),
     )
+
+
+def _entries(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    found = orjson.loads(value) if isinstance(value, str | bytes) else value
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else None
 
 
 async def load_subscriber(conn: Executor, subscriber_id: int) -> SubscriberRow | None:

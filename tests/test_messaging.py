@@ -308,3 +308,36 @@ async def test_two_tenants_with_their_own_accounts(
         await own.stop()
         await runner.cleanup()
         await _teardown(m.stack, http, pool)
+
+
+async def test_tenant_template_and_account_through_the_api(messaging: MessagingStack) -> None:
+    """PUT a tenant's WhatsApp template: its reminders outside the window use it; an
+    account name the configuration lacks is refused (400), and the answer for a known
+    setting names the account, never a credential."""
+    m = messaging
+    m.gateway.add_template("isp_reminder", "sw", params=2)
+    headers = {"Authorization": "Bearer test-token"}
+    from imsys.http import api_billing
+    from imsys.http.server import build_app
+
+    s = m.stack
+    app = build_app(s.engine, s.deps.redis, s.db, "test-token")
+    api_billing.add_routes(app, s.deps)
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        resp = await client.put(f"/api/tenants/{s.tenant_id}/whatsapp-templates/reminder",
+                                json={"name": "isp_reminder", "language": "sw",
+                                      "params": ["name", "expires_at"]}, headers=headers)
+        assert resp.status == 200, await resp.text()
+        resp = await client.put(f"/api/tenants/{s.tenant_id}/messaging",
+                                json={"account": "nope"}, headers=headers)
+        assert resp.status == 400
+        resp = await client.put(f"/api/tenants/{s.tenant_id}/messaging",
+                                json={"sms_fallback": False}, headers=headers)
+        assert (await resp.json())["account"] is None
+    [nid] = await m.notify(1, channel="whatsapp", start=70_000)
+    await m.quiet()
+    [sent] = m.gateway.messages("whatsapp")
+    assert (sent.template, sent.body) == ("isp_reminder", "c70000 2030-01-01 00:00")
+    assert (await m.ledger([nid]))[nid]["sent_as"] == "isp_reminder"

@@ -330,6 +330,47 @@ async def save_template(
     return as_dict(row)
 
 
+async def save_messaging(
+    db: Executor, tenant_id: int, account: str | None, sms_fallback: bool
+) -> dict[str, Any] | None:
+    if not await db.fetchval("SELECT 1 FROM tenants WHERE id = $1", tenant_id):
+        return None
+    row = await db.fetchrow(
+        """
+        INSERT INTO tenant_messaging (tenant_id, account, sms_fallback) VALUES ($1, $2, $3)
+        ON CONFLICT (tenant_id) DO UPDATE SET account = EXCLUDED.account,
+            sms_fallback = EXCLUDED.sms_fallback, updated_at = now()
+        RETURNING tenant_id, account, sms_fallback, updated_at
+        """,
+        tenant_id,
+        account,
+        sms_fallback,
+    )
+    return as_dict(row)
+
+
+async def save_whatsapp_template(
+    db: Executor, tenant_id: int, kind: str, tpl: Any
+) -> dict[str, Any] | None:
+    if not await db.fetchval("SELECT 1 FROM tenants WHERE id = $1", tenant_id):
+        return None
+    row = await db.fetchrow(
+        """
+        INSERT INTO whatsapp_templates (tenant_id, kind, name, language, params)
+        VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, kind) DO UPDATE
+        SET name = EXCLUDED.name, language = EXCLUDED.language, params = EXCLUDED.params,
+            updated_at = now()
+        RETURNING tenant_id, kind, name, language, params, updated_at
+        """,
+        tenant_id,
+        kind,
+        tpl.name,
+        tpl.language,
+        tpl.params,
+    )
+    return as_dict(row)
+
+
 async def recent_notifications(
     db: Executor, subscriber_id: int | None, limit: int = 200
 ) -> list[dict[str, Any]]:

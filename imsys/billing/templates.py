@@ -42,3 +42,34 @@ class TemplateIn(pydantic.BaseModel):
     @classmethod
     def _known_variables(cls, v: str) -> str:
         return check(v)
+
+
+class WhatsAppTemplateIn(pydantic.BaseModel):
+    """A tenant's approved WhatsApp template for one kind; params are variables, in order."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    name: str = pydantic.Field(min_length=1, max_length=512, pattern=r"^[a-z0-9_]+$")
+    language: str = pydantic.Field(default="en", min_length=2, max_length=15)
+    params: list[str] = pydantic.Field(default_factory=list, max_length=20)
+
+    @pydantic.field_validator("params")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(VARIABLES))
+        if unknown:
+            raise ValueError(f"unknown variable(s) {unknown}; known: {list(VARIABLES)}")
+        return v
+
+
+# The kinds a WhatsApp template may be set for.
+KINDS = ("invoice", "reminder", "payment_ack", "suspension")
+
+
+class MessagingIn(pydantic.BaseModel):
+    """A tenant's messaging: its account's name (None: the global one), SMS fallback."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    account: str | None = pydantic.Field(default=None, min_length=1, max_length=100)
+    sms_fallback: bool = True

@@ -32,6 +32,31 @@ async def put_template(request: web.Request) -> web.Response:
     return json_response(row)
 
 
+async def put_messaging(request: web.Request) -> web.Response:
+    """Which account a tenant sends through (a name under [messaging.accounts], never a
+    credential), and whether a failed WhatsApp message goes again by SMS."""
+    data = await parse(request, templates.MessagingIn)
+    deps = request.app[DEPS]
+    if data.account is not None and data.account not in deps.settings.messaging.accounts:
+        raise ApiError(400, f"no messaging account named {data.account!r} in the configuration")
+    row = await repo.save_messaging(deps.db, int_param(request), data.account, data.sms_fallback)
+    if row is None:
+        raise NotFound(f"tenant {int_param(request)}")
+    return json_response(row)
+
+
+async def put_whatsapp_template(request: web.Request) -> web.Response:
+    kind = request.match_info["kind"]
+    if kind not in templates.KINDS:
+        raise ApiError(404, f"no notification kind {kind!r}; kinds: {', '.join(templates.KINDS)}")
+    data = await parse(request, templates.WhatsAppTemplateIn)
+    tenant_id = int_param(request)
+    row = await repo.save_whatsapp_template(request.app[DEPS].db, tenant_id, kind, data)
+    if row is None:
+        raise NotFound(f"tenant {tenant_id}")
+    return json_response(row)
+
+
 async def get_notifications(request: web.Request) -> web.Response:
     sub = optional_int(request, "subscriber_id")
     rows = await repo.recent_notifications(request.app[DEPS].db, sub)
@@ -61,4 +86,16 @@ def add_routes(app: web.Application, deps: Deps) -> None:
         get_notifications,
         "the newest notifications (the ledger)",
         query=(Query("subscriber_id", "integer", "only this subscriber's"),),
+    )
+    r.put(
+        r"/api/tenants/{id:\d+}/messaging",
+        put_messaging,
+        "a tenant's messaging: its account's name (never a credential), SMS fallback",
+        body=templates.MessagingIn,
+    )
+    r.put(
+        r"/api/tenants/{id:\d+}/whatsapp-templates/{kind}",
+        put_whatsapp_template,
+        "a tenant's approved WhatsApp template for a notification kind",
+        body=templates.WhatsAppTemplateIn,
     )

@@ -23,6 +23,7 @@ from imsys.deps import Deps
 from imsys.events import CHANNELS, ChannelControl
 from imsys.http.common import DEPS, install
 from imsys.http.json import ApiError, json_response
+from imsys.http.openapi import Routes
 from imsys.provider_settings import SmsConfig
 
 _MAX_BODY = 1_000_000
@@ -130,4 +131,7 @@ def add_routes(app: web.Application, deps: Deps) -> None:
     app.router.add_post("/webhooks/whatsapp", whatsapp_post)
     app.router.add_post("/webhooks/africastalking", africastalking_post)
     app.router.add_post("/webhooks/twilio", twilio_post)
-    app.router.add_get("/api/channels", get_channels)
+    Routes(app, "messaging").get(
+        "/api/channels", get_channels,
+        "each channel's state and the tenants it is out of credit for",
+    )

@@ -124,15 +124,16 @@ class MessagingStack(BillingStack):
 
 async def open_stack(
     settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str,
-    gateway: GatewaySimulator,
+    gateway: GatewaySimulator, *, port: int = 0, repoint: bool = True,
 ) -> tuple[MessagingStack, Any, Any, web.AppRunner]:
-    settings = point_at(settings, gateway)
+    if repoint:
+        settings = point_at(settings, gateway)
     stack, http, pool = await make_stack(settings, redis, db, prefix)
     app = build_app(stack.engine, stack.deps.redis, stack.db, "test-token")
     api_webhooks.add_routes(app, stack.deps)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = runner.addresses[0][1]
     url = f"http://127.0.0.1:{port}"

@@ -341,3 +341,52 @@ async def test_tenant_template_and_account_through_the_api(messaging: MessagingS
     [sent] = m.gateway.messages("whatsapp")
     assert (sent.template, sent.body) == ("isp_reminder", "c70000 2030-01-01 00:00")
     assert (await m.ledger([nid]))[nid]["sent_as"] == "isp_reminder"
+
+
+async def test_twilio_status_callbacks_are_verified_and_applied(
+    settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str
+) -> None:
+    """SMS through Twilio's API: the simulator calls the message's StatusCallback signed
+    X-Twilio-Signature; the ledger ends delivered or failed (30003), and a callback with
+    a wrong signature (or none) is refused and changes nothing."""
+    from tests.events_support import free_port
+    from tests.messaging_support import point_at
+
+    gateway = GatewaySimulator()
+    await gateway.start()
+    port = free_port()
+    sid, token = gateway.twilio_account_sid, gateway.twilio_auth_token
+    base = point_at(settings, gateway)
+    twilio = {
+        "name": "twilio", "url": f"{gateway.url}/2010-04-01/Accounts/{sid}/Messages.json",
+        "auth": "basic", "username": sid, "secret": token, "sender": "+15005550006",
+        "body": {"To": "{to}", "From": "{sender}", "Body": "{message}",
+                 "StatusCallback": "{status_callback}"},
+        "message_id_path": "sid", "status_path": "",
+        "status_callback": f"http://127.0.0.1:{port}/webhooks/twilio",
+    }
+    base = Settings(**{**base.model_dump(mode="python"), "sms": twilio})
+    gateway.receipts.unreachable["sms"] |= {"+254780000001"}
+    m, http, pool, runner = await open_stack(base, redis, db, prefix, gateway, port=port,
+                                             repoint=False)
+    try:
+        ids = await m.notify(3, channel="sms", start=80_000_000)
+        await m.quiet()
+        rows = await m.ledger(ids)
+        by_to = {r["provider_message_id"]: r for r in rows.values()}
+        assert sorted(r["status"] for r in rows.values()) == ["delivered", "delivered", "failed"]
+        failed = next(r for r in rows.values() if r["status"] == "failed")
+        assert failed["status_code"] == "30003"
+        before = await m.ledger(ids)
+        sid0 = next(iter(by_to))
+        form = {"MessageSid": sid0, "MessageStatus": "failed", "ErrorCode": "30005"}
+        async with aiohttp.ClientSession() as client:
+            for headers in ({}, {"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}):
+                async with client.post(f"{m.url}/webhooks/twilio", data=form,
+                                       headers=headers) as resp:
+                    assert resp.status in (401, 403)
+        assert await m.ledger(ids) == before
+    finally:
+        await gateway.stop()
+        await runner.cleanup()
+        await _teardown(m.stack, http, pool)

@@ -28,7 +28,7 @@ import structlog
 
 from imsys.errors import Deferred, FencedOut, PermanentError, RetryableError
 from imsys.publisher import EventType
-from imsys.routeros import RouterSession, RouterUnavailable
+from imsys.routeros import AlreadyExists, RouterSession, RouterUnavailable
 from imsys.routeros.menus import LOGIN_BY_SERVICE
 from imsys.routeros.session import Write
 from imsys.sync import batch_repo, repo
@@ -299,6 +299,13 @@ async def apply_waves(ctx: SyncContext, ros: RouterSession, items: list[Item]) -
             elif isinstance(result, RouterUnavailable):
                 lost = lost or result
                 i.error = result
+            elif isinstance(result, AlreadyExists) and w.action == "add":
+                # The read found no entry with that name a moment ago: one appeared
+                # meanwhile (a hand edit, a router script). The next run reads again
+                # and decides (managed, or a twin that blocks).
+                i.error = i.error or RetryableError(
+                    f"{result}; the entry appeared after this sync read the router"
+                )
             elif isinstance(result, Exception):
                 i.error = i.error or result
             else:

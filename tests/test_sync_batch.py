@@ -113,7 +113,8 @@ async def test_one_failed_write_fails_only_its_subscriber(
     failed = await events_of(stack, "subscriber_sync_failed")
     assert [e["subscriber_id"] for e in failed] == [victim, victim]
     assert "appeared after this sync read the router" in failed[0]["error"]
-    assert failed[0]["attempt"] == 1 and failed[1]["attempt"] == 2
+    assert failed[0]["attempt"] == 1
+    assert failed[1]["attempt"] == 2
     assert failed[1]["blocked_by"]["name"] == "f07"
     synced_events = Counter(e["subscriber_id"] for e in await events_of(stack, "subscriber_synced"))
     assert synced_events == Counter({sid: 1 for sid in ids if sid != victim})
@@ -121,7 +122,8 @@ async def test_one_failed_write_fails_only_its_subscriber(
     outcomes = await stack.db.fetch(
         "SELECT outcome FROM audit_log WHERE subscriber_id = $1 ORDER BY id", victim
     )
-    assert len(outcomes) == 1 and outcomes[0]["outcome"].startswith("failed:")
+    assert len(outcomes) == 1
+    assert outcomes[0]["outcome"].startswith("failed:")
 
 
 async def test_stale_ids_after_a_reboot_are_relearnt(stack: Stack) -> None:
@@ -150,8 +152,10 @@ async def test_stale_ids_after_a_reboot_are_relearnt(stack: Stack) -> None:
         if name != "r03":
             assert entry["password"] == before[name]["password"], name
     sets = [c for c in stack.sim.commands[seen:] if c.command == f"{SECRET}/set"]
-    assert len(sets) == 1 and f"=.id={after['r03']}" in sets[0].words
-    assert kept is not None and kept[SECRET] != after["r03"]
+    assert len(sets) == 1
+    assert f"=.id={after['r03']}" in sets[0].words
+    assert kept is not None
+    assert kept[SECRET] != after["r03"]
     assert await entries(stack, target) == {SECRET: after["r03"]}
     assert commands(stack, seen)[f"{SECRET}/add"] == 0
 
@@ -168,7 +172,8 @@ async def test_entries_of_unknown_ids_are_found_by_comment(stack: Stack) -> None
     await stack.settle()
     assert await synced(stack, ids) == 5
     c = commands(stack, seen)
-    assert c[f"{SECRET}/add"] == 0 and c[f"{SECRET}/set"] == 5
+    assert c[f"{SECRET}/add"] == 0
+    assert c[f"{SECRET}/set"] == 5
     on_router = {e["name"]: e[".id"] for e in stack.sim.items(SECRET)}
     for i, sid in enumerate(ids):
         assert await entries(stack, sid) == {SECRET: on_router[f"n{i:02d}"]}

@@ -243,6 +243,41 @@ return id
 """
 )
 
+# ENQUEUE for many immediate jobs of one type, each with a job_id, in one call: the same
+# decision per job (dropped while one like it waits or runs), one parse and one round
+# trip for the lot. KEYS: stream, delayed, stats
+# ARGV: group, dedupe_prefix, now_ms, stale_ms, type, (job_id, payload)...
+# Returns, per job in order, the new entry id or 'dup:waiting' / 'dup:running'.
+ENQUEUE_UNIQUE_MANY = (
+    _MARK_LIVE
+    + """
+local group, dprefix, kind = ARGV[1], ARGV[2], ARGV[5]
+local now, stale = tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, dups = {}, 0
+for i = 6, #ARGV, 2 do
+  local jid, payload = ARGV[i], ARGV[i + 1]
+  local key = dprefix .. jid
+  local v = redis.call('GET', key)
+  if v and mark_live(KEYS[1], v, now, stale) then
+    dups = dups + 1
+    local res = 'dup:waiting'
+    if string.sub(v, 1, 8) ~= 'delayed:' then
+      local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], group, v, v, 1)
+      if ok and p[1] ~= nil then res = 'dup:running' end
+    end
+    out[#out + 1] = res
+  else
+    local id = redis.call('XADD', KEYS[1], '*', 'type', kind, 'payload', payload,
+      'attempt', '1', 'enqueued_at', ARGV[3], 'job_id', jid)
+    redis.call('SET', key, id)
+    out[#out + 1] = id
+  end
+end
+if dups > 0 then redis.call('HINCRBY', KEYS[3], 'deduplicated', dups) end
+return out
+"""
+)
+
 # A consumer read entries carrying a job_id (maybe from a producer that did not go
 # through ENQUEUE): keep the first, drop duplicates of a job that is waiting or running.
 # KEYS: stream, stats
@@ -399,6 +434,7 @@ class Scripts:
         self.dead: AsyncScript = redis.register_script(DEAD)
         self.promote: AsyncScript = redis.register_script(PROMOTE)
         self.enqueue: AsyncScript = redis.register_script(ENQUEUE)
+        self.enqueue_unique_many: AsyncScript = redis.register_script(ENQUEUE_UNIQUE_MANY)
         self.claim_job_ids: AsyncScript = redis.register_script(CLAIM_JOB_IDS)
         self.recover: AsyncScript = redis.register_script(RECOVER)
         self.heartbeat: AsyncScript = redis.register_script(HEARTBEAT)

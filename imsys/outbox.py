@@ -158,10 +158,12 @@ class OutboxRelay:
                 await asyncio.shield(self._release(listener))
 
     async def _release(self, conn: PoolConnectionProxy) -> None:
+        # The pool does not reset sessions (imsys.db): UNLISTEN here, or close the
+        # connection, so no pooled connection keeps listening.
         try:
             await conn.remove_listener(CHANNEL, self._notified)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            pass
+            conn.terminate()
         try:
             await self.db.release(conn)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):

@@ -65,6 +65,7 @@ class Item:
     error: Exception | None = None
     kicked: bool = False
     password_digest: str | None = None
+    _correlations: list[str] | None = None
 
     @property
     def job(self) -> Any:
@@ -75,8 +76,10 @@ class Item:
         return self.error is None and self.twin is None
 
     def correlations(self) -> list[str]:
-        own = self.job.payload.correlation_id or f"job:{self.job.id}"
-        return list(dict.fromkeys([*self.sub.correlations, own]))
+        if self._correlations is None:
+            own = self.job.payload.correlation_id or f"job:{self.job.id}"
+            self._correlations = list(dict.fromkeys([*self.sub.correlations, own]))
+        return self._correlations
 
     def auditor(self, ctx: SyncContext) -> Auditor:
         return Auditor(
@@ -446,7 +449,8 @@ async def settle(ctx: SyncContext, items: list[Item]) -> None:
                 "changed": changed,
                 "kicked": i.kicked,
             }))
-            log.info(
+            # The batch's own line (sync_batch) is the info one; this is for tracing.
+            log.debug(
                 "subscriber_synced",
                 subscriber_id=i.sub.id,
                 router_id=i.sub.router_id,

@@ -147,6 +147,7 @@ async def post_subscribers_bulk(request: web.Request) -> web.Response:
     except bulk.BulkInvalid as exc:
         detail = exc.as_dict()
         raise ApiError(400, detail.pop("error"), **detail) from None
+    del raw  # the rows are all that is needed now (and bulk.check consumes them)
     return json_response({"created": len(ids), "ids": ids}, status=201)
 
 

@@ -63,7 +63,12 @@ async def check(conn: Conn, raw: Sequence[object]) -> list[SubscriberIn]:
         raise Invalid(f"{len(raw)} rows: at most {MAX_ROWS} per import")
     bad: dict[int, list[str]] = {}
     good: dict[int, SubscriberIn] = {}
+    # A list we were given to consume is emptied as it is read: 100,000 parsed rows cost
+    # more memory than their validated models, and the two need not exist together.
+    consume = isinstance(raw, list)
     for i, item in enumerate(raw):
+        if consume:
+            raw[i] = None  # type: ignore[index]
         if not isinstance(item, dict):
             bad[i] = ["a subscriber must be a JSON object"]
             continue

@@ -1,13 +1,13 @@
 # make run   — install, start local Redis/PostgreSQL if needed, migrate, run the service
 #              in demo mode (simulated routers, demo tenant; dashboard on 127.0.0.1:8080)
-# make test  — the same set-up (plus Debian's chromium for the browser test), then the
-#              whole test suite
+# make test  — the same set-up (plus Debian's chromium for the browser test and the
+#              prometheus package's promtool for the alert rules), then the whole test suite
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 
 .DEFAULT_GOAL := check
-.PHONY: check install services browser node-example migrate run test lint bench bench-peers clean
+.PHONY: check install services browser promtool node-example migrate run test lint bench bench-peers clean
 
 check: lint test
 
@@ -25,6 +25,10 @@ services:
 browser:
 	bash scripts/browser.sh
 
+# promtool (Debian's prometheus package, unpacked only), for the alert rules' test.
+promtool:
+	bash scripts/promtool.sh
+
 # The Node example's packages (examples/node), for its test.
 node-example:
 	bash scripts/node_example.sh
@@ -37,7 +41,7 @@ IMSYS_DEMO__ENABLED ?= true
 run: migrate
 	IMSYS_DEMO__ENABLED=$(IMSYS_DEMO__ENABLED) $(PY) -m imsys run
 
-test: install services browser node-example
+test: install services browser promtool node-example
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

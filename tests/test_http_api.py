@@ -115,9 +115,9 @@ async def test_metrics_is_prometheus_text(client: Client, engine: Engine) -> Non
         "imsys_stream_lag",
         "imsys_stream_delayed",
         "imsys_stream_oldest_pending_age_seconds",
-        "imsys_stream_processed_total_all_processes",
-        "imsys_stream_retried_total_all_processes",
-        "imsys_stream_dead_total_all_processes",
+        "imsys_stream_processed_all_processes",
+        "imsys_stream_retried_all_processes",
+        "imsys_stream_dead_all_processes",
         "imsys_handler_seconds",
         "imsys_dead_letters",
     ):
@@ -125,7 +125,7 @@ async def test_metrics_is_prometheus_text(client: Client, engine: Engine) -> Non
     for stream in STREAMS:
         assert f'imsys_stream_length{{stream="{stream}"}}' in text
     assert 'imsys_stream_length{stream="sync"} 2.0' in text
-    assert 'imsys_stream_dead_total_all_processes{stream="billing"} 1.0' in text
+    assert 'imsys_stream_dead_all_processes{stream="billing"} 1.0' in text
     assert "imsys_dead_letters 1.0" in text
 
 

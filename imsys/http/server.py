@@ -20,10 +20,12 @@ from imsys.http.common import domain_errors, has_own_body_limit, page_limit
 from imsys.http.idempotency import IDEMPOTENCY, IdempotencyStore, idempotency
 from imsys.http.json import ApiError, json_response, not_found
 from imsys.http.openapi import Query, Routes, add_openapi, is_public
-from imsys.network.service import guard_states
+from imsys.http.scrape import channel_states, declare_series, router_states
 from imsys.settings import HttpSettings
 from imsys.streams.deadletters import ENTRY_ID
 from imsys.streams.engine import Engine
+from imsys.streams.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from imsys.streams.metrics import RouterState
 
 log = structlog.get_logger("imsys.http")
 
@@ -226,14 +228,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
+    declare_series(engine)
     figures = await engine.figures()
-    guards: list[tuple[int, bool]] | None = None
+    routers: list[RouterState] | None = None
     try:
-        guards = await guard_states(request.app[DB])
+        routers = await router_states(request.app[DB])
     except (*PG_DOWN, asyncpg.InterfaceError, OSError):
         pass  # the streams' figures still answer while PostgreSQL is away
-    body = engine.metrics.render(figures, await engine.dead_letters.count(), guards)
-    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+    channels = await channel_states(request.app[REDIS], engine.keys)
+    dead = await engine.dead_letters.count()
+    body = engine.metrics.render(figures, dead, routers, channels)
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 async def queues(request: web.Request) -> web.Response:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import pydantic
 from aiohttp import web
 
+from imsys.http import api_activity
 from imsys.http.common import parse
 from imsys.http.json import ApiError, json_response
 from imsys.http.openapi import Routes
@@ -86,3 +87,5 @@ def add_routes(app: web.Application, demo: DemoControl | None = None) -> None:
         body=DemoOutage,
         body_required=False,
     )
+    # The JSON the page's subscriber, history and throughput views read.
+    api_activity.add_routes(app)

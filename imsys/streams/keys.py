@@ -30,6 +30,11 @@ class Keys:
     def history(self) -> str:
         return f"{self.prefix}:history"
 
+    def throughput(self, stream: str, minute: int) -> str:
+        """Jobs of ``stream`` acknowledged in one minute (minutes since the epoch): the
+        dashboard's processed/s chart, the same figure for every process."""
+        return f"{self.prefix}:throughput:{stream}:{minute}"
+
     @property
     def processes(self) -> str:
         return f"{self.prefix}:processes"

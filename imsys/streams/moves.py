@@ -21,6 +21,9 @@ from imsys.streams.jobids import DEDUPE_STALE_MS
 from imsys.streams.keys import GROUP, Keys
 from imsys.streams.scripts import Scripts, as_str_list
 
+# A minute's throughput counter outlives the hour the dashboard charts by a margin.
+THROUGHPUT_TTL_S = 2 * 3600
+
 
 @dataclass(frozen=True, slots=True)
 class History:
@@ -125,7 +128,12 @@ class StreamMoves:
         )
         return as_str_list(
             await self.scripts.ack(
-                keys=[self.key, self.keys.stats(self.stream), self.keys.history],
+                keys=[
+                    self.key,
+                    self.keys.stats(self.stream),
+                    self.keys.history,
+                    self.keys.throughput(self.stream, _now_ms() // 60_000),
+                ],
                 args=[
                     GROUP,
                     hmax,
@@ -134,6 +142,7 @@ class StreamMoves:
                     self.keys.dedupe_prefix(self.stream),
                     payload,
                     consumer,
+                    THROUGHPUT_TTL_S,
                 ],
             )
         )

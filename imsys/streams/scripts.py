@@ -84,8 +84,9 @@ local function trim_floor(key, group)
 end
 """
 
-# KEYS: stream, stats, history
-# ARGV: group, hist_max, hist_minid, stream_name, dedupe_prefix, batch, consumer
+# KEYS: stream, stats, history, this minute's throughput counter
+# ARGV: group, hist_max, hist_minid, stream_name, dedupe_prefix, batch, consumer,
+#       throughput_ttl_s
 # batch: JSON [ids, [[job_id, id], ...], [[type, job_id, ms], ...], verify] (one argument
 # rather than five per job: packing hundreds of arguments cost the client more than the
 # script). ``verify``: ids whose claim may have been taken while this process stalled;
@@ -135,6 +136,8 @@ if n > 0 then
   end
   chunked('XDEL', KEYS[1], nil, rest)
   redis.call('HINCRBY', KEYS[2], 'processed', n)
+  redis.call('INCRBY', KEYS[4], n)
+  redis.call('EXPIRE', KEYS[4], ARGV[8])
 end
 for _, m in ipairs(marks) do
   local key = dprefix .. m[1]

@@ -531,6 +531,14 @@
     subscribers().catch((err) => fail("subscribers", err));
   });
 
+  // --- shared with views.js (ledger, subscriber detail, history, throughput) ------------
+
+  // Its sections join SECTIONS, so they refresh with the rest and share the error lines.
+  window.imsys = Object.freeze({
+    state, api, el, td, badge, fill, showError, fail, toast, when, absolute, count, duration,
+    sections: SECTIONS,
+  });
+
   // --- start ---------------------------------------------------------------------------
 
   // A link may carry the token in its fragment (#token=...): it never reaches a server

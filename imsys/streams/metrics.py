@@ -33,7 +33,7 @@ from imsys.streams.keys import GROUP, Keys
 # No ``<counter>_created`` gauge beside each counter: in the 0.0.4 text format it is a
 # series of its own holding a timestamp, twice the series for nothing Prometheus uses.
 # prometheus_client only offers this switch for the whole process.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # The text exposition format, version 0.0.4, as Prometheus asks for it.

@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("queues", help="per-stream figures, job progress and live processes")
     q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    qsub = q.add_subparsers(dest="queues_command")
+    for verb, what in (
+        ("pause", "pause a stream in every process: it accepts jobs and runs none"),
+        ("resume", "resume a paused stream: its waiting jobs run"),
+    ):
+        qsub.add_parser(verb, help=what).add_argument("stream", choices=STREAMS)
 
     dlq = sub.add_parser("dlq", help="dead letters: list, replay, purge")
     dsub = dlq.add_subparsers(dest="dlq_command", required=True)
@@ -230,6 +236,9 @@ def cmd_check(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
+    if args.queues_command in ("pause", "resume"):
+        return _pause_or_resume(settings, args.queues_command, args.stream)
+
     async def gather(engine: Any) -> dict[str, Any]:
         return {
             "streams": [f.as_dict() for f in await engine.figures()],
@@ -252,6 +261,7 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
         "processed",
         "retried",
         "dead",
+        "paused",
     )
     print("  ".join(f"{c:>12}" for c in cols))
     for row in data["streams"]:
@@ -268,6 +278,19 @@ def cmd_queues(settings: Settings, args: argparse.Namespace) -> int:
             total = f"/{j['total']}" if j.get("total") is not None else ""
             note = f"  {j['note']}" if j.get("note") else ""
             print(f"  {stream} {j['type']} {j['entry_id']}: {j['done']}{total}{note}")
+    return 0
+
+
+def _pause_or_resume(settings: Settings, verb: str, stream: str) -> int:
+    """Every process sees it within ``streams.pause.PAUSE_CHECK_S``."""
+
+    async def act(engine: Any) -> bool:
+        pauses = engine.pauses
+        return bool(await (pauses.pause(stream) if verb == "pause" else pauses.resume(stream)))
+
+    changed = _run(_with_engine(settings, act))
+    state = "paused" if verb == "pause" else "resumed"
+    print(f"{stream} {state}" if changed else f"{stream} was already {state}")
     return 0
 
 

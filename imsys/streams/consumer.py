@@ -118,6 +118,9 @@ class StreamConsumer:
     _not_before: float = 0.0
     # Jobs deferred in a row because PostgreSQL or Redis was away (sets their delay).
     _infra_failures: int = 0
+    # The stream is paused (``streams/pause.py`` keeps this in line with Redis): nothing
+    # new is read, started or recovered; running jobs finish.
+    paused: bool = False
 
     def __post_init__(self) -> None:
         self.key = self.keys.stream(self.stream)
@@ -166,6 +169,11 @@ class StreamConsumer:
     async def read_loop(self) -> None:
         backoff = Backoff()
         while not self._stopping:
+            if self.paused:
+                # Woken by a resume, a finishing job or shutdown; it looks again then.
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
             free = self.free
             if free <= 0:
                 self._slot_free.clear()
@@ -194,7 +202,10 @@ class StreamConsumer:
             self._reserved -= free
             if backoff.reset():
                 self.log.info("redis_reconnected", where="read")
-            if entries:
+            if entries and self.paused:
+                # Read while the pause came in: back to the stream, to wait there.
+                await self._hand_back(entries)
+            elif entries:
                 await self.dispatch(entries)
             if self._malformed:
                 await self.dead_letter_malformed()
@@ -276,7 +287,7 @@ class StreamConsumer:
                 # and recovery hands it out again; this slot goes on with the next one.
                 self.log.exception("job_settle_failed", entry_id=entry_id, error=_error_text(exc))
             self._slot_free.set()
-            if not self._buffer or self._stopping:
+            if not self._buffer or self._stopping or self.paused:
                 return
             entry_id, fields = self._buffer.popleft()
             self.running[entry_id] = task
@@ -625,7 +636,8 @@ class StreamConsumer:
         cursor = "0-0"
         claimed = 0
         min_idle = int(self.engine.claim_idle_s * 1000)
-        while not self._stopping:
+        # Paused, a dead process's entries stay where they are: claimed, they would run.
+        while not self._stopping and not self.paused:
             # Not self.free: an idle reader blocked in XREADGROUP holds every free slot as
             # a reservation, and recovery must still get its turn. Anything beyond the
             # free slots waits in the read-ahead buffer.
@@ -724,6 +736,18 @@ class StreamConsumer:
 
     # --- shutdown and test hooks -----------------------------------------------------------
 
+    def set_paused(self, paused: bool) -> bool:
+        """Pause or resume this consumer; True when that changed something.
+
+        Pausing stops reads and starts at once; the caller hands back the read-ahead
+        entries (``release_buffer``). Resuming wakes the read loop.
+        """
+        if paused == self.paused:
+            return False
+        self.paused = paused
+        self._slot_free.set()
+        return True
+
     def stop_reading(self) -> None:
         self._stopping = True
         self._slot_free.set()
@@ -732,17 +756,22 @@ class StreamConsumer:
     async def release_buffer(self) -> int:
         """Give entries read ahead but never started back to the stream for others."""
         buffered, self._buffer = list(self._buffer), deque()
-        if not buffered:
+        return await self._hand_back(buffered)
+
+    async def _hand_back(self, entries: list[tuple[str, dict[str, str]]]) -> int:
+        if not entries:
             return 0
-        for eid, _ in buffered:
+        for eid, _ in entries:
             self._claimed_at.pop(eid, None)
+            self._deliveries.pop(eid, None)
         try:
-            await self.moves.release(buffered)
+            await self.moves.release(entries)
         except REDIS_DOWN:
-            self.log.warning("read_ahead_left_pending", count=len(buffered))
+            # Left pending under this consumer: recovery hands them out again later.
+            self.log.warning("read_ahead_left_pending", count=len(entries))
             return 0
-        self.log.info("read_ahead_released", count=len(buffered))
-        return len(buffered)
+        self.log.info("read_ahead_released", count=len(entries))
+        return len(entries)
 
     async def drain(self, grace: float) -> int:
         """Wait up to ``grace`` for running jobs; cancel the rest (they stay pending)."""

@@ -27,6 +27,7 @@ from imsys.streams.job import Registry
 from imsys.streams.keys import GROUP, Keys
 from imsys.streams.limits import KeyLimiter, RateLimiter
 from imsys.streams.metrics import EngineMetrics, StreamFigures, stream_figures
+from imsys.streams.pause import PAUSE_CHECK_S, Pauses
 from imsys.streams.producer import Producer
 from imsys.streams.scripts import Scripts
 from imsys.streams.timers import Timer, TimerFn, TimerRunner
@@ -88,6 +89,7 @@ class Engine:
             )
             for s in streams
         }
+        self.pauses = Pauses(redis, self.keys, tuple(self.consumers))
         self.timers: list[Timer] = []
         self._group_hooks: list[Callable[[str], Awaitable[None]]] = []
         # The Redis server's run_id as last seen: a new one means a restart or a failover.
@@ -217,6 +219,11 @@ class Engine:
         await self.prepare()
         if self.stopping.is_set():
             return
+        try:
+            # Before the first read: a process starting during a pause must not run a job.
+            await self.check_pauses()
+        except REDIS_DOWN:
+            pass  # its loop tries again; the readers wait for Redis as well
         readers = [
             asyncio.create_task(self._supervise(f"read:{s}", c.read_loop), name=f"read:{s}:{i}")
             for s, c in self.consumers.items()
@@ -230,6 +237,7 @@ class Engine:
             asyncio.create_task(self._every("promote", eng.promote_interval_s, self.promote_once)),
             asyncio.create_task(self._every("recover", eng.recover_interval_s, self.recover_once)),
             asyncio.create_task(self._every("heartbeat", eng.heartbeat_s, self.heartbeat_once)),
+            asyncio.create_task(self._every("pauses", PAUSE_CHECK_S, self.check_pauses)),
             *(
                 asyncio.create_task(self.timer_runner.run(t, self.stopping), name=f"timer:{t.name}")
                 for t in self.timers
@@ -347,8 +355,25 @@ class Engine:
             "started_at": int(self.started_at * 1000),
             "seen_at": int(time.time() * 1000),
             "running": {s: len(c.running) for s, c in self.consumers.items()},
+            "paused": sorted(s for s, c in self.consumers.items() if c.paused),
         }
         await self.redis.hset(self.keys.processes, self.consumer, orjson.dumps(info))
+
+    async def check_pauses(self) -> dict[str, int]:
+        """Pause or resume this process's consumers as Redis says (every PAUSE_CHECK_S)."""
+        return await self.pauses.apply(self.consumers)
+
+    async def pause(self, stream: str) -> bool:
+        """Pause ``stream`` in every process (here at once); False if it already was."""
+        changed = await self.pauses.pause(stream)
+        await self.check_pauses()
+        return changed
+
+    async def resume(self, stream: str) -> bool:
+        """Resume ``stream`` in every process (here at once); False if it was not paused."""
+        changed = await self.pauses.resume(stream)
+        await self.check_pauses()
+        return changed
 
     async def check_redis_server(self) -> bool:
         """Notice that Redis is another server than before; True when it changed.
@@ -379,7 +404,11 @@ class Engine:
     # --- inspection ----------------------------------------------------------------------------
 
     async def figures(self) -> list[StreamFigures]:
-        return [await stream_figures(self.redis, self.keys, s) for s in self.consumers]
+        figures = [await stream_figures(self.redis, self.keys, s) for s in self.consumers]
+        paused = await self.pauses.paused()
+        for f in figures:
+            f.paused = f.stream in paused
+        return figures
 
     async def progress(self) -> dict[str, list[dict[str, Any]]]:
         return await job_progress(self.redis, self.keys, list(self.consumers))

@@ -39,6 +39,11 @@ class Keys:
     def processes(self) -> str:
         return f"{self.prefix}:processes"
 
+    @property
+    def paused(self) -> str:
+        """The paused streams: stream name -> when it was paused (epoch ms)."""
+        return f"{self.prefix}:paused"
+
     def delayed(self, stream: str) -> str:
         return f"{self.prefix}:delayed:{stream}"
 

@@ -97,6 +97,7 @@ class RouterState:
     name: str
     online: bool | None
     guard_tripped: bool
+    maintenance: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +181,18 @@ class EngineMetrics:
             ["router_id"],
             registry=r,
         )
+        self.router_maintenance = Gauge(
+            "imsys_router_maintenance",
+            "1 while the router is in maintenance: its jobs wait, reconciliation passes it by",
+            ["router_id"],
+            registry=r,
+        )
+        self.stream_paused = Gauge(
+            "imsys_stream_paused",
+            "1 while the stream is paused: it accepts jobs and runs none, in every process",
+            ["stream"],
+            registry=r,
+        )
         self.channel_stopped = Gauge(
             "imsys_channel_stopped",
             "1 while an operator has stopped the delivery channel (service_control)",
@@ -219,12 +232,18 @@ class EngineMetrics:
         """The registry as Prometheus text. ``routers`` lists every router and ``channels``
         every channel (a removed router's series goes with it); None when they could not be
         read, and then their series are left out, not kept from an earlier scrape."""
-        for gauge in (self.router_info, self.router_online, self.router_guard):
+        for gauge in (
+            self.router_info,
+            self.router_online,
+            self.router_guard,
+            self.router_maintenance,
+        ):
             gauge.clear()
         for router in routers or ():
             rid = str(router.router_id)
             self.router_info.labels(rid, str(router.tenant_id), router.name).set(1)
             self.router_guard.labels(rid).set(1 if router.guard_tripped else 0)
+            self.router_maintenance.labels(rid).set(1 if router.maintenance else 0)
             if router.online is not None:
                 self.router_online.labels(rid).set(1 if router.online else 0)
         self.channel_stopped.clear()
@@ -242,6 +261,7 @@ class EngineMetrics:
         g["length"].labels(f.stream).set(f.length)
         g["pending"].labels(f.stream).set(f.pending)
         g["delayed"].labels(f.stream).set(f.delayed)
+        self.stream_paused.labels(f.stream).set(1 if f.paused else 0)
         _set_or_omit(g["lag"], f.stream, f.lag)
         # Nothing pending: no entry waits, a known 0; pending but unread: unknown.
         age = 0.0 if f.pending == 0 else f.oldest_pending_age_s
@@ -274,6 +294,8 @@ class StreamFigures:
     deferred: int
     dead: int
     deduplicated: int
+    # Paused (``streams/pause.py``): the engine fills this in, the stream cannot tell.
+    paused: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -144,6 +144,8 @@ def test_alert_rules_fire_as_written(tmp_path: Path) -> None:
             series("imsys_channel_stopped", "1x80", channel="sms"),
             series("imsys_channel_stopped", "0x80", channel="email"),
             series("imsys_channel_out_of_credit_tenants", "0 2x20", channel="whatsapp"),
+            series("imsys_stream_paused", "0 1x80", stream="billing"),
+            series("imsys_stream_paused", "0x80", stream="sync"),
         ],
         "alert_rule_test": [
             # 0 until 5 m, 2 from 7 m: over the 15 min up to 20 m, 2 more.
@@ -184,6 +186,12 @@ def test_alert_rules_fire_as_written(tmp_path: Path) -> None:
                     "summary": "imsys: channel whatsapp out of credit for 2 tenant(s)",
                 },
             ),
+            expect("ImsysStreamPaused", "60m"),
+            expect(
+                "ImsysStreamPaused",
+                "62m",
+                {"stream": "billing", "summary": "imsys: stream billing paused for over an hour"},
+            ),
             expect("ImsysMetricsAbsent", "10m"),
         ],
     }
@@ -198,6 +206,7 @@ def test_alert_rules_fire_as_written(tmp_path: Path) -> None:
             series("imsys_router_guard_tripped", "0x120", router_id="3"),
             series("imsys_channel_stopped", "0x120", channel="sms"),
             series("imsys_channel_out_of_credit_tenants", "0x120", channel="sms"),
+            series("imsys_stream_paused", "0x120", stream="sync"),
         ],
         "alert_rule_test": [expect(r["alert"], "120m") for r in alert_rules()],
     }

@@ -23,8 +23,17 @@ from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
 from imsys.http.openapi import Query, Routes
 from imsys.network import bulk, models, service
+from imsys.network.creator import SubscriberCreator
 from imsys.sync import wireless
-from imsys.sync.service import package_changed, subscriber_changed, subscribers_created
+from imsys.sync.service import (
+    package_changed,
+    subscriber_changed,
+    subscribers_changed,
+    subscribers_created,
+)
+
+# Single creates that arrive together, written together (imsys.network.creator).
+CREATOR = web.AppKey("subscriber_creator", SubscriberCreator)
 
 
 @creating
@@ -101,9 +110,7 @@ async def get_packages(request: web.Request) -> web.Response:
 @creating
 async def post_subscriber(request: web.Request) -> web.Response:
     data = await parse(request, models.SubscriberIn)
-    row = await service.create_subscriber(
-        request.app[DEPS].db, data, correlation_id(request), on_change=subscriber_changed
-    )
+    row = await request.app[CREATOR].create(data, correlation_id(request))
     return json_response(row, status=201)
 
 
@@ -213,6 +220,9 @@ SEARCH_Q = (
 
 def add_routes(app: web.Application, deps: Deps) -> None:
     install(app, deps)
+    app[CREATOR] = SubscriberCreator(
+        deps.db, on_change=subscriber_changed, on_created=subscribers_changed
+    )
     r, made = Routes(app, "network"), {"status": 201, "idempotent_key": True}
     r.post("/api/tenants", post_tenant, "create a tenant", body=models.TenantIn, **made)
     r.get("/api/tenants", get_tenants, "every tenant", answer='{"tenants": [...]}')

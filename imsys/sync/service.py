@@ -39,6 +39,7 @@ __all__ = [
     "queue_sync",
     "request_sync",
     "subscriber_changed",
+    "subscribers_changed",
     "subscribers_created",
     "sync_job_id",
 ]
@@ -56,6 +57,19 @@ async def queue_sync(conn: Conn, subscriber_id: int, correlation_id: str, cause:
 async def subscriber_changed(conn: Conn, subscriber_id: int, correlation_id: str) -> None:
     """The network model changed this subscriber's desired state: queue its sync."""
     await queue_sync(conn, subscriber_id, correlation_id, "api")
+
+
+async def subscribers_changed(conn: Conn, changes: list[tuple[int, str]]) -> None:
+    """Many subscribers changed, each by its own request (the API's creates, written in
+    one batch): queue each one's sync with its correlation id, in one statement."""
+    await outbox.add_many(
+        conn,
+        SYNC_SUBSCRIBER,
+        [
+            ({"subscriber_id": i, "correlation_id": c, "cause": "api"}, sync_job_id(i))
+            for i, c in changes
+        ],
+    )
 
 
 async def subscribers_created(conn: Conn, subscriber_ids: list[int], correlation_id: str) -> None:

@@ -489,3 +489,8 @@ CREATE INDEX IF NOT EXISTS subscriber_wireless_router
 -- no entry anywhere yet: '{}'.
 ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_entries jsonb;
 ALTER TABLE subscribers ALTER COLUMN router_entries SET DEFAULT '{}'::jsonb;
+
+-- === Router maintenance (imsys/sync/maintenance.py) ===
+-- Until this instant imsys leaves the router alone: its jobs wait without spending
+-- attempts and the reconciliation timer passes it by. NULL or past: no maintenance.
+ALTER TABLE routers ADD COLUMN IF NOT EXISTS maintenance_until timestamptz;

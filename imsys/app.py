@@ -25,6 +25,7 @@ from imsys.events import domain as events_domain
 from imsys.http import (
     api_billing,
     api_bouncer,
+    api_controls,
     api_network,
     api_sync,
     api_webhooks,
@@ -84,6 +85,7 @@ def build_http(deps: Deps, demo: Demo | None = None) -> web.Application:
     )
     api_network.add_routes(app, deps)
     api_sync.add_routes(app, deps)
+    api_controls.add_routes(app, deps)
     api_bouncer.add_routes(app, deps)
     api_billing.add_routes(app, deps)
     api_webhooks.add_routes(app, deps)

@@ -17,10 +17,12 @@ from imsys.streams.metrics import ChannelState, RouterState
 
 
 async def router_states(db: asyncpg.Pool) -> list[RouterState]:
-    """Every router: whether it answers (None until first reached) and its guard."""
+    """Every router: whether it answers (None until first reached), its guard and
+    whether it is in maintenance."""
     rows = await db.fetch(
         """
-        SELECT id, tenant_id, name, online, guard_tripped_at IS NOT NULL AS tripped
+        SELECT id, tenant_id, name, online, guard_tripped_at IS NOT NULL AS tripped,
+               coalesce(maintenance_until > now(), false) AS maintenance
         FROM routers ORDER BY id
         """
     )
@@ -31,6 +33,7 @@ async def router_states(db: asyncpg.Pool) -> list[RouterState]:
             name=r["name"],
             online=r["online"],
             guard_tripped=r["tripped"],
+            maintenance=r["maintenance"],
         )
         for r in rows
     ]

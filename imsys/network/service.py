@@ -99,6 +99,7 @@ ROUTER_COLUMNS = """
     max_concurrency, online, version, uptime,
     cpu_load, last_seen_at, last_error, guard_tripped_at, guard_reason, guard_override_until,
     guard_held,
+    CASE WHEN maintenance_until > now() THEN maintenance_until END AS maintenance_until,
     created_at
 """
 

@@ -17,7 +17,7 @@ from imsys.errors import Deferred, FencedOut, PermanentError, RetryableError
 from imsys.routeros import RouterAuthError, RouterSession, RouterTarget, RouterUnavailable
 from imsys.routeros.menus import HOTSPOT_ACTIVE, PPP_ACTIVE, SYSTEM_REBOOT
 from imsys.streams.job import Job
-from imsys.sync import repo
+from imsys.sync import maintenance, repo
 from imsys.sync.context import SyncContext
 from imsys.sync.jobs import RouterJob, SyncSubscriber
 from imsys.tenants import require_active
@@ -53,11 +53,14 @@ async def router_session(
 ) -> AsyncIterator[RouterSession]:
     """A session to ``router`` under its cross-process limit and its circuit breaker.
 
-    An unreachable router opens its circuit and defers the job (no attempt spent). With
+    A router in maintenance (``sync/maintenance.py``) defers the job at once, and an
+    unreachable router opens its circuit and defers the job (no attempt spent). With
     ``job``, every write is refused in the very step it would be sent once the job's
     claim is no longer provably this process's (``Job.check_claim``).
     """
     router_id = router["id"]
+    # A router in maintenance is left alone: its jobs wait, no attempt spent.
+    maintenance.check(router)
     # An inactive tenant's routers are not touched: TenantInactive (a dead letter naming
     # the tenant for a job, a 409 for the admin API).
     await require_active(ctx.db, router["tenant_id"])

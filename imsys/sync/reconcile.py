@@ -450,10 +450,10 @@ async def all_router_facts(ctx: SyncContext) -> None:
 
 
 async def enqueue_reconciliation(ctx: SyncContext) -> int:
-    """One sync_router job per router of an active tenant."""
+    """One sync_router job per router of an active tenant, but those in maintenance."""
     routers = await ctx.db.fetch(
         "SELECT r.id FROM routers r JOIN tenants t ON t.id = r.tenant_id WHERE t.active"
-        " ORDER BY r.id"
+        " AND (r.maintenance_until IS NULL OR r.maintenance_until <= now()) ORDER BY r.id"
     )
     for r in routers:
         await ctx.engine.producer.send(

@@ -33,7 +33,8 @@ WHERE s.id = $1
 ROUTER = """
 SELECT id, tenant_id, name, host, port, use_tls, username, password, max_concurrency,
        tls_fingerprint, tls_ca, tls_verify,
-       online, uptime, guard_tripped_at, guard_override_until > now() AS guard_overridden
+       online, uptime, guard_tripped_at, guard_override_until > now() AS guard_overridden,
+       CASE WHEN maintenance_until > now() THEN maintenance_until END AS maintenance_until
 FROM routers WHERE id = $1
 """
 

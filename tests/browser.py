@@ -174,10 +174,13 @@ class Browser:
             await asyncio.sleep(0.05)
 
     async def click(self, selector: str) -> None:
-        """A real mouse click in the middle of the first element ``selector`` matches."""
+        """A real mouse click in the middle of the first element ``selector`` matches,
+        scrolled into the viewport first (a click outside it reaches nothing)."""
         box = await self.evaluate(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center', inline: 'center'});"
+            " const r = e.getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
         )
         x, y = box
         for kind in ("mousePressed", "mouseReleased"):

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from imsys.http import api_network, api_sync, api_webhooks, dashboard
+from imsys.http import api_billing, api_network, api_sync, api_webhooks, dashboard
 from imsys.http.server import build_app
 from imsys.sync.reconcile import all_router_facts
 from tests.browser import Browser, available, colour_spread, png_pixels
@@ -67,6 +67,7 @@ def make_app(stack: Stack, demo: dashboard.DemoControl | None = None) -> web.App
     api_sync.add_routes(app, deps)
     if (bouncer := bouncer_api()) is not None:
         bouncer.add_routes(app, deps)
+    api_billing.add_routes(app, deps)  # the notification ledger
     api_webhooks.add_routes(app, deps)
     dashboard.add_routes(app, demo)
     return app

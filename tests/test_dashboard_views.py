@@ -19,7 +19,7 @@ from pydantic import BaseModel, SecretStr
 from redis.asyncio import Redis
 
 from imsys.billing.handlers import current_period
-from imsys.http import api_billing, dashboard
+from imsys.http import dashboard
 from imsys.settings import Settings
 from imsys.sim.gateway import GatewaySimulator
 from imsys.streams import activity
@@ -87,7 +87,8 @@ async def delivery_report(client: Client, provider_id: str, status: str, reason:
 
 async def populate(b: BillingStack, client: Client) -> dict[str, Any]:
     """Four synced subscribers billed by SMS (the gateway refuses one message), a delivery
-    report and a failure report, and a payment for alice: real rows in every view."""
+    report and a failure report, alice suspended by the operator and a payment of hers:
+    real rows in every view."""
     s = b.stack
     ids = {
         name: await s.add_subscriber(name, phone=f"+25470000{i:04d}")
@@ -105,6 +106,9 @@ async def populate(b: BillingStack, client: Client) -> dict[str, Any]:
     assert len(sent) == 3
     await delivery_report(client, sent[0]["provider_message_id"], "Success")
     await delivery_report(client, sent[1]["provider_message_id"], "Failed", "UserInBlacklist")
+    # An admin suspension: its own cause and commands in alice's audit trail.
+    await s.patch(ids["alice"], correlation="test:suspend", is_suspended=True)
+    await b.settle()
     body = {"subscriber_id": ids["alice"], "amount": "10.00", "reference": "MPESA-QX7731"}
     resp = await client.post("/api/payments", json=body, headers=AUTH)
     assert resp.status == 201, await resp.text()
@@ -113,10 +117,8 @@ async def populate(b: BillingStack, client: Client) -> dict[str, Any]:
 
 
 def billing_app(b: BillingStack) -> web.Application:
-    """The dashboard's app with the billing routes (payments, the ledger)."""
-    app = make_app(b.stack)
-    api_billing.add_routes(app, b.stack.deps)
-    return app
+    """The dashboard's app, billing routes (payments, the ledger) included."""
+    return make_app(b.stack)
 
 
 # --- the routes, without a browser -------------------------------------------------------------
@@ -141,7 +143,15 @@ async def test_subscriber_routes_answer_rows_and_404(billing: BillingStack) -> N
         assert audit, "alice's creation sent commands to the router"
         assert {a["outcome"] for a in audit} == {"ok"}
         assert "add /ppp/secret" in {a["action"] for a in audit}
-        assert {a["correlation_id"] for a in audit} >= {"test:create:alice"}
+        by_correlation = {a["correlation_id"]: a["cause"] for a in audit}
+        assert by_correlation == {
+            "test:create:alice": "api",
+            "test:suspend": "api",
+            "payment:MPESA-QX7731": "payment",  # the payment's sync of her
+        }
+        suspend = [a for a in audit if a["correlation_id"] == "test:suspend"]
+        assert "remove /ppp/active" in {a["action"] for a in suspend}  # its session cut
+        assert audit == sorted(audit, key=lambda a: (a["at"], a["id"]), reverse=True)
         assert all(a["router"] == "r0" for a in audit)
         assert "pw-alice" not in json.dumps(audit)  # the command's password is masked
         for tail in ("invoices", "payments", "audit"):
@@ -275,7 +285,10 @@ DETAIL = """(() => {
     invoices: rows("detail-invoices").map((r) => [r.dataset.status, r.textContent]),
     payments: rows("detail-payments").map((r) => r.textContent),
     messages: rows("detail-notifications").map((r) => [r.dataset.status, r.textContent]),
-    audit: rows("detail-audit").map((r) => [...r.cells].map((c) => c.textContent)),
+    audit: rows("detail-audit").map((r) => ({
+      cause: r.dataset.cause,
+      cells: [...r.cells].map((c) => c.textContent),
+    })),
   });
 })()"""
 
@@ -419,11 +432,16 @@ async def test_views_in_chromium_show_real_data(billing: BillingStack, tmp_path:
     assert "not yet" not in payment  # applied
     templates = {text.split("sms")[1][:20] for _, text in detail["messages"]}
     assert any("invoice" in t for t in templates)
-    # Each audit row: when, cause (and its correlation), the command, its outcome, router.
-    creation = [row for row in detail["audit"] if "test:create:alice" in row[1]]
-    assert creation, detail["audit"]
-    assert any(row[2].startswith("add /ppp/secret") for row in creation)
-    assert all(row[3] == "ok" and row[4] == "r0" for row in detail["audit"])
+    # Each audit row: when, cause (over its correlation), the command, its outcome, router.
+    rows = [(a["cause"], *a["cells"]) for a in detail["audit"]]
+    creation = [r for r in rows if r[2] == "apitest:create:alice"]
+    assert any(r[3].startswith("add /ppp/secret") for r in creation), rows
+    suspension = [r for r in rows if r[2] == "apitest:suspend"]
+    assert any(r[3].startswith("remove /ppp/active") for r in suspension)
+    assert {r[0] for r in rows} == {"api", "payment"}
+    assert any(r[2] == "paymentpayment:MPESA-QX7731" for r in rows)
+    assert all(r[4] == "ok" and r[5] == "r0" for r in rows)
+    assert detail["facts"]["suspended"] == "yes: admin"
     assert exceptions == []
     assert [e for e in console if "/api/bouncer/batches" not in e] == []
     for png in (charts, ledger_png, history_png, detail_png, full):

@@ -494,3 +494,23 @@ ALTER TABLE subscribers ALTER COLUMN router_entries SET DEFAULT '{}'::jsonb;
 -- Until this instant imsys leaves the router alone: its jobs wait without spending
 -- attempts and the reconciliation timer passes it by. NULL or past: no maintenance.
 ALTER TABLE routers ADD COLUMN IF NOT EXISTS maintenance_until timestamptz;
+
+-- === Tenant-scoped API tokens (imsys/tokens.py, imsys/http/access.py) ===
+-- A token bound to one tenant: it sees and changes that tenant's data only. Only the
+-- SHA-256 of the token is kept (the token is shown once, when created); a request's
+-- token is hashed and looked up. A tenant that goes takes its tokens with it.
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id              bigserial PRIMARY KEY,
+    tenant_id       bigint NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    name            text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
+    token_sha256    bytea NOT NULL UNIQUE CHECK (length(token_sha256) = 32),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    last_used_at    timestamptz
+);
+CREATE INDEX IF NOT EXISTS api_tokens_tenant ON api_tokens (tenant_id);
+-- The tenant a Bouncer user batch was submitted for (NULL: by the admin token, for no
+-- tenant in particular); a tenant's token sees only its own batches.
+ALTER TABLE user_batches ADD COLUMN IF NOT EXISTS tenant_id bigint
+    REFERENCES tenants(id) ON DELETE SET NULL;
+CREATE INDEX IF NOT EXISTS user_batches_tenant ON user_batches (tenant_id, created_at DESC, id DESC)
+    WHERE tenant_id IS NOT NULL;

@@ -28,6 +28,7 @@ from imsys.http import (
     api_controls,
     api_network,
     api_sync,
+    api_tokens,
     api_webhooks,
     dashboard,
 )
@@ -89,6 +90,7 @@ def build_http(deps: Deps, demo: Demo | None = None) -> web.Application:
     api_bouncer.add_routes(app, deps)
     api_billing.add_routes(app, deps)
     api_webhooks.add_routes(app, deps)
+    api_tokens.add_routes(app, deps)
     dashboard.add_routes(app, demo)
     return app
 

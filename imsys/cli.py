@@ -1,5 +1,5 @@
 """``python -m imsys [--config FILE] COMMAND``: run, migrate, check, queues, dlq, enqueue,
-bench, sim, import."""
+bench, sim, import, tokens."""
 
 from __future__ import annotations
 
@@ -129,6 +129,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PROFILE=PACKAGE_ID",
         help="the package an imported login with that router profile gets (repeatable)",
     )
+
+    t = sub.add_parser("tokens", help="API tokens bound to one tenant: create, list, delete")
+    tsub = t.add_subparsers(dest="tokens_command", required=True)
+    tc = tsub.add_parser("create", help="print {id, token}: the token is shown this once")
+    tc.add_argument("--tenant-id", type=int, required=True)
+    tc.add_argument("--name", required=True, help="what the token is for (e.g. reseller-x)")
+    tl = tsub.add_parser("list", help="every token (never a secret)")
+    tl.add_argument("--tenant-id", type=int, help="only this tenant's")
+    tsub.add_parser("delete", help="revoke a token").add_argument("id", type=int)
 
     i = sub.add_parser("import", help="create subscribers from a CSV, all or nothing")
     i.add_argument("file", metavar="FILE.csv", help="CSV with a header naming the fields")
@@ -526,6 +535,39 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
+    """Tenant tokens (imsys.tokens), as ``/api/tokens`` makes them: JSON out, exit 1 when
+    the tenant or token does not exist, 2 for a bad name."""
+    import pydantic
+
+    from imsys import tokens
+    from imsys.db import connect_pool
+    from imsys.network.errors import NotFound
+
+    async def go() -> Any:
+        db = await connect_pool(settings.database.url.get_secret_value(), max_size=2)
+        try:
+            if args.tokens_command == "create":
+                data = tokens.TokenIn(tenant_id=args.tenant_id, name=args.name)
+                return await tokens.create(db, data)
+            if args.tokens_command == "list":
+                return {"tokens": await tokens.list_tokens(db, args.tenant_id)}
+            return await tokens.delete(db, args.id)
+        finally:
+            await db.close()
+
+    try:
+        result = _run(go())
+    except pydantic.ValidationError as exc:
+        print(f"imsys: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    except NotFound as exc:
+        print(f"imsys: {exc} not found", file=sys.stderr)
+        return 1
+    print(orjson.dumps(result, default=str, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
 def cmd_chaos(_settings: Settings, args: argparse.Namespace) -> int:
     from imsys.chaos.runner import main as chaos_main
 
@@ -559,4 +601,5 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "chaos": cmd_chaos,
     "adopt": cmd_adopt,
     "schema": cmd_schema,
+    "tokens": cmd_tokens,
 }

@@ -102,9 +102,15 @@ async def record_payment(db: asyncpg.Pool, data: PaymentIn) -> tuple[dict[str, A
     existing = await db.fetchrow("SELECT * FROM payments WHERE reference = $1", data.reference)
     assert existing is not None
     if existing["subscriber_id"] != data.subscriber_id or existing["amount"] != data.amount:
+        # Another tenant's payment is not described: references are unique across tenants,
+        # a tenant's token must learn no more than that this one is taken.
+        detail = (
+            f" (subscriber {existing['subscriber_id']}, amount {existing['amount']})"
+            if existing["tenant_id"] == sub["tenant_id"]
+            else ""
+        )
         raise Conflict(
-            f"reference {data.reference!r} is already recorded for another payment "
-            f"(subscriber {existing['subscriber_id']}, amount {existing['amount']})"
+            f"reference {data.reference!r} is already recorded for another payment{detail}"
         )
     return dict(existing), False
 

@@ -372,18 +372,21 @@ async def save_whatsapp_template(
 
 
 async def recent_notifications(
-    db: Executor, subscriber_id: int | None, limit: int = 200
+    db: Executor, subscriber_id: int | None, limit: int = 200, tenant_id: int | None = None
 ) -> list[dict[str, Any]]:
-    """The latest notifications, newest first; of one subscriber when given."""
+    """The latest notifications, newest first; of one subscriber, one tenant when given."""
     rows = await db.fetch(
         """
         SELECT id, subscriber_id, channel, recipient, template, status, attempts,
                provider, provider_message_id, status_code, status_at, sent_as, fallback_of,
                fallback_id, error, created_at, sent_at
-        FROM notifications WHERE $1::bigint IS NULL OR subscriber_id = $1
+        FROM notifications
+        WHERE ($1::bigint IS NULL OR subscriber_id = $1)
+          AND ($3::bigint IS NULL OR tenant_id = $3)
         ORDER BY id DESC LIMIT $2
         """,
         subscriber_id,
         limit,
+        tenant_id,
     )
     return [dict(r) for r in rows]

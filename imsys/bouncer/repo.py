@@ -28,7 +28,7 @@ CAPACITY_LOCKS: Final = {"deliverable": 0xB0C_0010, "catchall": 0xB0C_0011}
 SUBMIT_CHUNK: Final = 100_000
 
 USER_BATCH_COLUMNS = (
-    "id, check_type, status, total, processed, failed, created_at, completed_at"
+    "id, tenant_id, check_type, status, total, processed, failed, created_at, completed_at"
 )
 
 # Plain INSERT of the addresses not stored yet (the fast path). A concurrent submission of
@@ -128,14 +128,17 @@ class Outstanding:
 # --- user batches -----------------------------------------------------------------------------
 
 
-async def insert_user_batch(db: asyncpg.Pool, check_type: str, data: Prepared) -> dict[str, Any]:
+async def insert_user_batch(
+    db: asyncpg.Pool, check_type: str, data: Prepared, tenant_id: int | None = None
+) -> dict[str, Any]:
     """Store a user batch and its e-mails set-based (COPY, then two INSERT ... SELECT)."""
     async with db.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            f"INSERT INTO user_batches (check_type, total) VALUES ($1, $2)"
+            f"INSERT INTO user_batches (check_type, total, tenant_id) VALUES ($1, $2, $3)"
             f" RETURNING {USER_BATCH_COLUMNS}",
             check_type,
             len(data.emails),
+            tenant_id,
         )
         assert row is not None
         if len(data.emails) > SUBMIT_CHUNK:
@@ -175,12 +178,23 @@ async def get_user_batch(db: Executor, user_batch_id: int) -> dict[str, Any] | N
     return None if row is None else dict(row)
 
 
-async def list_user_batches(db: Executor, limit: int) -> list[dict[str, Any]]:
-    rows = await db.fetch(
-        f"SELECT {USER_BATCH_COLUMNS} FROM user_batches ORDER BY created_at DESC, id DESC"
-        " LIMIT $1",
-        limit,
-    )
+async def list_user_batches(
+    db: Executor, limit: int, tenant_id: int | None = None
+) -> list[dict[str, Any]]:
+    """Newest first; one tenant's when given."""
+    if tenant_id is None:
+        rows = await db.fetch(
+            f"SELECT {USER_BATCH_COLUMNS} FROM user_batches ORDER BY created_at DESC, id DESC"
+            " LIMIT $1",
+            limit,
+        )
+    else:
+        rows = await db.fetch(
+            f"SELECT {USER_BATCH_COLUMNS} FROM user_batches WHERE tenant_id = $2"
+            " ORDER BY created_at DESC, id DESC LIMIT $1",
+            limit,
+            tenant_id,
+        )
     return [dict(r) for r in rows]
 
 

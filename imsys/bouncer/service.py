@@ -23,6 +23,9 @@ class UserBatchIn(BaseModel):
 
     check_type: Literal["deliverable", "catchall"]
     emails: list[StrictStr]
+    # The tenant the batch is for (a tenant's token: its own, the default); none: the
+    # admin's, for no tenant in particular.
+    tenant_id: int | None = None
 
 
 async def submit(
@@ -48,7 +51,10 @@ async def submit(
             prepared = prepare(data.emails)
     except InvalidEmails as exc:
         raise Invalid(str(exc)) from None
-    row = await repo.insert_user_batch(db, data.check_type, prepared)
+    try:
+        row = await repo.insert_user_batch(db, data.check_type, prepared, data.tenant_id)
+    except asyncpg.ForeignKeyViolationError:
+        raise NotFound(f"tenant {data.tenant_id}") from None
     return {**row, "submitted": prepared.submitted, "duplicates": prepared.duplicates}
 
 
@@ -59,6 +65,8 @@ async def get_user_batch(db: asyncpg.Pool, user_batch_id: int) -> dict[str, Any]
     return row
 
 
-async def list_user_batches(db: asyncpg.Pool, limit: int = 50) -> list[dict[str, Any]]:
-    """Newest first."""
-    return await repo.list_user_batches(db, limit)
+async def list_user_batches(
+    db: asyncpg.Pool, limit: int = 50, tenant_id: int | None = None
+) -> list[dict[str, Any]]:
+    """Newest first; one tenant's when given."""
+    return await repo.list_user_batches(db, limit, tenant_id)

@@ -101,13 +101,29 @@ LIMIT_Q: Final = Query("limit", "integer", "how many, newest first")
 def add_routes(app: web.Application) -> None:
     """Needs `imsys.http.server.build_app`'s app (its PostgreSQL pool and engine)."""
     r = Routes(app, "activity")
-    r.get(f"{SUBSCRIBER}/invoices", get_invoices, "a subscriber's invoices", query=(LIMIT_Q,))
-    r.get(f"{SUBSCRIBER}/payments", get_payments, "a subscriber's payments", query=(LIMIT_Q,))
+    # A subscriber's own views are its tenant's (the path's id is checked by
+    # imsys.http.access); the engine's history and throughput are the service's.
+    own, admin = "tenant", "admin"
+    r.get(
+        f"{SUBSCRIBER}/invoices",
+        get_invoices,
+        "a subscriber's invoices",
+        query=(LIMIT_Q,),
+        access=own,
+    )
+    r.get(
+        f"{SUBSCRIBER}/payments",
+        get_payments,
+        "a subscriber's payments",
+        query=(LIMIT_Q,),
+        access=own,
+    )
     r.get(
         f"{SUBSCRIBER}/audit",
         get_audit,
         "a subscriber's audit trail: cause, router command, outcome",
         query=(LIMIT_Q,),
+        access=own,
     )
     r.get(
         "/api/history",
@@ -119,10 +135,12 @@ def add_routes(app: web.Application) -> None:
             Query("outcome", description="done, retried, deferred or dead"),
             Query("before", description="a history id to page back from"),
         ),
+        access=admin,
     )
     r.get(
         "/api/throughput",
         get_throughput,
         "jobs processed per minute and per second of each stream, oldest minute first",
         query=(Query("minutes", "integer", "1-120, default 60"),),
+        access=admin,
     )

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from imsys.billing import payments, repo, templates
 from imsys.deps import Deps
+from imsys.http.access import scope_of
 from imsys.http.common import DEPS, install, int_param, optional_int, parse
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
@@ -59,13 +60,18 @@ async def put_whatsapp_template(request: web.Request) -> web.Response:
 
 async def get_notifications(request: web.Request) -> web.Response:
     sub = optional_int(request, "subscriber_id")
-    rows = await repo.recent_notifications(request.app[DEPS].db, sub)
+    rows = await repo.recent_notifications(
+        request.app[DEPS].db, sub, tenant_id=scope_of(request).tenant()
+    )
     return json_response({"notifications": rows})
 
 
 def add_routes(app: web.Application, deps: Deps) -> None:
     install(app, deps)
     r = Routes(app, "billing")
+    # A tenant's token: its own payments, templates and ledger (imsys.http.access). Which
+    # of the operator's provider accounts a tenant sends through is the admin's choice.
+    own = "tenant"
     r.post(
         "/api/payments",
         post_payment,
@@ -74,28 +80,33 @@ def add_routes(app: web.Application, deps: Deps) -> None:
         status=201,
         idempotent_key=True,
         answer="the payment; 200 with duplicate true when the reference is known",
+        access=own,
     )
     r.put(
         r"/api/tenants/{id:\d+}/templates/{name}",
         put_template,
         "set a tenant's message template",
         body=templates.TemplateIn,
+        access=own,
     )
     r.get(
         "/api/notifications",
         get_notifications,
         "the newest notifications (the ledger)",
         query=(Query("subscriber_id", "integer", "only this subscriber's"),),
+        access=own,
     )
     r.put(
         r"/api/tenants/{id:\d+}/messaging",
         put_messaging,
         "a tenant's messaging: its account's name (never a credential), SMS fallback",
         body=templates.MessagingIn,
+        access="admin",
     )
     r.put(
         r"/api/tenants/{id:\d+}/whatsapp-templates/{kind}",
         put_whatsapp_template,
         "a tenant's approved WhatsApp template for a notification kind",
         body=templates.WhatsAppTemplateIn,
+        access=own,
     )

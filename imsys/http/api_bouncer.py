@@ -8,6 +8,7 @@ from aiohttp import web
 
 from imsys.bouncer import service
 from imsys.deps import Deps
+from imsys.http.access import scope_of
 from imsys.http.common import DEPS, install, parse
 from imsys.http.idempotency import creating
 from imsys.http.json import ApiError, json_response
@@ -21,6 +22,8 @@ SHOWN_PROBLEMS: Final = 5
 @creating
 async def post_batch(request: web.Request) -> web.Response:
     data = await parse(request, service.UserBatchIn, limit=SHOWN_PROBLEMS)
+    if data.tenant_id is None:
+        data.tenant_id = scope_of(request).tenant()  # a tenant's token: its own batch
     deps = request.app[DEPS]
     row = await service.submit(deps.db, deps.settings.bouncer_batching, data)
     return json_response(row, status=201)
@@ -41,13 +44,14 @@ async def get_batches(request: web.Request) -> web.Response:
         raise ApiError(400, "limit must be an integer") from None
     if not 1 <= limit <= 1000:
         raise ApiError(400, "limit must be between 1 and 1000")
-    rows = await service.list_user_batches(request.app[DEPS].db, limit)
+    rows = await service.list_user_batches(request.app[DEPS].db, limit, scope_of(request).tenant())
     return json_response({"batches": rows})
 
 
 def add_routes(app: web.Application, deps: Deps) -> None:
     install(app, deps)
-    r = Routes(app, "bouncer")
+    # A tenant's token submits and sees its own tenant's batches (imsys.http.access).
+    r, own = Routes(app, "bouncer"), "tenant"
     r.post(
         "/api/bouncer/batches",
         post_batch,
@@ -55,11 +59,18 @@ def add_routes(app: web.Application, deps: Deps) -> None:
         body=service.UserBatchIn,
         status=201,
         idempotent_key=True,
+        access=own,
     )
     r.get(
         "/api/bouncer/batches",
         get_batches,
         "the newest user batches",
         query=(Query("limit", "integer", "1-1000, default 50"),),
+        access=own,
     )
-    r.get(r"/api/bouncer/batches/{id:\d+}", get_batch, "one user batch and its progress")
+    r.get(
+        r"/api/bouncer/batches/{id:\d+}",
+        get_batch,
+        "one user batch and its progress",
+        access=own,
+    )

@@ -58,12 +58,14 @@ def add_routes(app: web.Application, deps: Deps) -> None:
         post_pause,
         "pause a stream: it accepts jobs and runs none, in every process; running jobs finish",
         answer=done,
+        access="admin",  # the service's streams, every tenant's work
     )
     r.post(
         "/api/queues/{stream}/resume",
         post_resume,
         "resume a paused stream: its waiting jobs run",
         answer=done,
+        access="admin",
     )
     r.post(
         r"/api/routers/{id:\d+}/maintenance",
@@ -72,4 +74,5 @@ def add_routes(app: web.Application, deps: Deps) -> None:
         "without spending attempts and reconciliation passes it by",
         body=MaintenanceIn,
         answer="the router id and its maintenance_until",
+        access="tenant",  # the tenant's own router (imsys.http.access checks the id)
     )

@@ -8,6 +8,7 @@ import orjson
 from aiohttp import web
 
 from imsys.deps import Deps
+from imsys.http.access import check_rows, scope_of
 from imsys.http.common import (
     DEPS,
     correlation_id,
@@ -43,7 +44,9 @@ async def post_tenant(request: web.Request) -> web.Response:
 
 
 async def get_tenants(request: web.Request) -> web.Response:
-    return json_response({"tenants": await service.list_tenants(request.app[DEPS].db)})
+    rows = await service.list_tenants(request.app[DEPS].db)
+    own = scope_of(request).tenant()
+    return json_response({"tenants": [t for t in rows if own is None or t["id"] == own]})
 
 
 async def patch_tenant(request: web.Request) -> web.Response:
@@ -103,7 +106,8 @@ async def delete_package(request: web.Request) -> web.Response:
 
 
 async def get_packages(request: web.Request) -> web.Response:
-    rows = await service.list_packages(request.app[DEPS].db, optional_int(request, "tenant_id"))
+    tenant = scope_of(request).tenant(optional_int(request, "tenant_id"))
+    rows = await service.list_packages(request.app[DEPS].db, tenant)
     return json_response({"packages": rows})
 
 
@@ -147,6 +151,7 @@ async def post_subscribers_bulk(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     raw = await read_limited(request, deps.settings.http.max_bulk_bytes, "http.max_bulk_bytes")
     rows = bulk_rows(raw, request.content_type)
+    await check_rows(request, rows)  # a tenant's token: its own tenant, routers, packages
     try:
         ids = await bulk.create_subscribers(
             deps.db, rows, correlation_id(request), on_created=subscribers_created
@@ -181,6 +186,7 @@ async def get_subscribers(request: web.Request) -> web.Response:
         router_id=optional_int(request, "router_id"),
         limit=limit,
         offset=offset,
+        tenant_id=scope_of(request).tenant(),
     )
     await wireless.attach(request.app[DEPS].db, rows["subscribers"])
     return json_response(rows)
@@ -223,17 +229,34 @@ def add_routes(app: web.Application, deps: Deps) -> None:
     app[CREATOR] = SubscriberCreator(
         deps.db, on_change=subscriber_changed, on_created=subscribers_changed
     )
-    r, made = Routes(app, "network"), {"status": 201, "idempotent_key": True}
-    r.post("/api/tenants", post_tenant, "create a tenant", body=models.TenantIn, **made)
-    r.get("/api/tenants", get_tenants, "every tenant", answer='{"tenants": [...]}')
-    r.patch(r"/api/tenants/{id:\d+}", patch_tenant, "change a tenant", body=models.TenantPatch)
+    # A tenant's token reaches its own tenant's network (imsys.http.access); creating a
+    # tenant is the admin's.
+    r = Routes(app, "network")
+    made: dict[str, Any] = {"status": 201, "idempotent_key": True, "access": "tenant"}
+    own: dict[str, Any] = {"access": "tenant"}
+    admin_made = {**made, "access": "admin"}
+    r.post("/api/tenants", post_tenant, "create a tenant", body=models.TenantIn, **admin_made)
+    r.get("/api/tenants", get_tenants, "every tenant", answer='{"tenants": [...]}', **own)
+    r.patch(
+        r"/api/tenants/{id:\d+}", patch_tenant, "change a tenant", body=models.TenantPatch, **own
+    )
     r.post("/api/routers", post_router, "add a router", body=models.RouterIn, **made)
-    r.patch(r"/api/routers/{id:\d+}", patch_router, "change a router", body=models.RouterPatch)
-    r.delete(r"/api/routers/{id:\d+}", delete_router, "delete a router (409 while in use)")
+    r.patch(
+        r"/api/routers/{id:\d+}", patch_router, "change a router", body=models.RouterPatch, **own
+    )
+    r.delete(r"/api/routers/{id:\d+}", delete_router, "delete a router (409 while in use)", **own)
     r.post("/api/packages", post_package, "create a package", body=models.PackageIn, **made)
-    r.get("/api/packages", get_packages, "packages", query=(TENANT_Q,))
-    r.patch(r"/api/packages/{id:\d+}", patch_package, "change a package", body=models.PackagePatch)
-    r.delete(r"/api/packages/{id:\d+}", delete_package, "delete a package (409 while in use)")
+    r.get("/api/packages", get_packages, "packages", query=(TENANT_Q,), **own)
+    r.patch(
+        r"/api/packages/{id:\d+}",
+        patch_package,
+        "change a package",
+        body=models.PackagePatch,
+        **own,
+    )
+    r.delete(
+        r"/api/packages/{id:\d+}", delete_package, "delete a package (409 while in use)", **own
+    )
     r.post(
         "/api/subscribers", post_subscriber, "create a subscriber", body=models.SubscriberIn, **made
     )
@@ -245,21 +268,25 @@ def add_routes(app: web.Application, deps: Deps) -> None:
         body_types=("application/json", "application/x-ndjson"),
         status=201,
         answer='{"created": N, "ids": [...]}',
+        **own,
     )
-    r.get("/api/subscribers", get_subscribers, "search subscribers", query=SEARCH_Q)
+    r.get("/api/subscribers", get_subscribers, "search subscribers", query=SEARCH_Q, **own)
     r.get(
         r"/api/subscribers/{id:\d+}",
         get_subscriber,
         "one subscriber, sync state and wireless link (or null) included",
+        **own,
     )
     r.patch(
         r"/api/subscribers/{id:\d+}",
         patch_subscriber,
         "change a subscriber",
         body=models.SubscriberPatch,
+        **own,
     )
     r.delete(
         r"/api/subscribers/{id:\d+}",
         delete_subscriber,
         "delete a subscriber (removed from its router)",
+        **own,
     )

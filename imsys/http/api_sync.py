@@ -10,6 +10,7 @@ from aiohttp import web
 
 from imsys.deps import Deps
 from imsys.errors import Deferred
+from imsys.http.access import scope_of
 from imsys.http.common import DEPS, correlation_id, install, int_param, optional_int, parse
 from imsys.http.json import ApiError, json_response
 from imsys.http.openapi import Query, Routes
@@ -34,7 +35,8 @@ async def _with_circuit(request: web.Request, router: dict[str, Any]) -> dict[st
 
 
 async def get_routers(request: web.Request) -> web.Response:
-    rows = await service.list_routers(request.app[DEPS].db, optional_int(request, "tenant_id"))
+    tenant = scope_of(request).tenant(optional_int(request, "tenant_id"))
+    rows = await service.list_routers(request.app[DEPS].db, tenant)
     return json_response({"routers": [await _with_circuit(request, r) for r in rows]})
 
 
@@ -117,18 +119,22 @@ async def post_subscriber_sync(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application, deps: Deps) -> None:
     install(app, deps)
-    r, optional = Routes(app, "sync"), {"body_required": False}
+    # A tenant's token reaches its own routers and subscribers (imsys.http.access).
+    own: dict[str, Any] = {"access": "tenant"}
+    r, optional = Routes(app, "sync"), {"body_required": False, **own}
     r.get(
         "/api/routers",
         get_routers,
         "routers with their live status",
         query=(Query("tenant_id", "integer", "only this tenant's"),),
+        **own,
     )
-    r.get(r"/api/routers/{id:\d+}", get_router, "one router with its live status")
+    r.get(r"/api/routers/{id:\d+}", get_router, "one router with its live status", **own)
     r.post(
         r"/api/routers/{id:\d+}/plan",
         post_router_plan,
         "dry run: what reconciliation would change on the router",
+        **own,
     )
     r.post(
         r"/api/routers/{id:\d+}/adopt",
@@ -144,5 +150,9 @@ def add_routes(app: web.Application, deps: Deps) -> None:
         body=GuardConfirm,
         **optional,
     )
-    r.post(r"/api/routers/{id:\d+}/reboot", post_router_reboot, "queue a reboot", status=202)
-    r.post(r"/api/subscribers/{id:\d+}/sync", post_subscriber_sync, "force a sync", status=202)
+    r.post(
+        r"/api/routers/{id:\d+}/reboot", post_router_reboot, "queue a reboot", status=202, **own
+    )
+    r.post(
+        r"/api/subscribers/{id:\d+}/sync", post_subscriber_sync, "force a sync", status=202, **own
+    )

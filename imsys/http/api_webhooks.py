@@ -134,4 +134,5 @@ def add_routes(app: web.Application, deps: Deps) -> None:
     Routes(app, "messaging").get(
         "/api/channels", get_channels,
         "each channel's state and the tenants it is out of credit for",
+        access="admin",  # the service's channels, every tenant's credit
     )

@@ -19,6 +19,7 @@ import pydantic
 from aiohttp import web
 
 from imsys.deps import Deps
+from imsys.http.access import check_body
 from imsys.http.json import ApiError, read_json
 from imsys.network.errors import Conflict, Invalid, NotFound
 from imsys.validation import problems
@@ -45,15 +46,19 @@ def correlation_id(request: web.Request) -> str:
 
 
 async def parse(request: web.Request, model: type[M], *, limit: int | None = None) -> M:
-    """The body as ``model``, or a 400 naming each problem (the first ``limit`` of them)."""
+    """The body as ``model``, or a 400 naming each problem (the first ``limit`` of them);
+    a 404 when a tenant's token names another tenant's object in it (`check_body`)."""
     data = await read_json(request)
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except pydantic.ValidationError as exc:
         found = problems(exc, whole="body", limit=limit)
         raise ApiError(400, "; ".join(found), fields=found) from None
+    # A tenant's token: its tenant_id, router_id... are its own, or this is a 404.
+    await check_body(request, body)
+    return body
 
 
 _OWN_BODY_LIMIT = "_imsys_own_body_limit"

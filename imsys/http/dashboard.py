@@ -79,13 +79,14 @@ def add_routes(app: web.Application, demo: DemoControl | None = None) -> None:
     app.router.add_static("/static/", STATIC, name="static")
     r = Routes(app, "dashboard")
     r.get("/", index, "the dashboard page (no token)", auth=False, answer_type="text/html")
-    r.get("/api/demo", demo_status, "demo mode and its simulated routers")
+    r.get("/api/demo", demo_status, "demo mode and its simulated routers", access="admin")
     r.post(
         r"/api/demo/routers/{index:\d{1,3}}/outage",
         demo_outage,
         "demo mode: take a simulated router offline or bring it back (no body toggles)",
         body=DemoOutage,
         body_required=False,
+        access="admin",
     )
     # The JSON the page's subscriber, history and throughput views read.
     api_activity.add_routes(app)

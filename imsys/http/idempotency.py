@@ -26,6 +26,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from imsys.http.access import SCOPE
 from imsys.http.json import ApiError
 
 log = structlog.get_logger("imsys.http")
@@ -194,6 +195,11 @@ async def idempotency(request: web.Request, handler: Handler) -> web.StreamRespo
     # Read within the body limit; the handler then gets the same bytes from the cache.
     digest = hashlib.sha256(await request.read()).digest()
     store = request.app[IDEMPOTENCY]
+    # A tenant's token keeps its keys apart from the admin's and other tenants': a key
+    # never replays an answer meant for another caller (no key holds a control byte).
+    principal = request.get(SCOPE)
+    if principal is not None and not principal.admin:
+        key = f"tenant {principal.tenant_id}\x1f{key}"
     scope = Scope(key, request.method, request.path)
     claimed = await store.claim(scope, digest)
     if isinstance(claimed, Stored):

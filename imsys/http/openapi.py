@@ -22,6 +22,8 @@ import orjson
 import pydantic
 from aiohttp import web
 
+from imsys.http.access import Access, declare
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OPENAPI_PATH: Final = "/api/openapi.json"
@@ -66,6 +68,9 @@ class Operation:
     answer_type: str = "application/json"
     auth: bool = True  # the bearer token (webhooks carry a provider's signature instead)
     idempotent_key: bool = False  # honours Idempotency-Key (a creating POST)
+    # Who may call it (`imsys.http.access`): "admin" only, or a "tenant"'s token too
+    # (its references checked). None: not declared, so admin-only.
+    access: Access | None = None
 
 
 OPERATIONS: Final = web.AppKey("openapi_operations", list[Operation])
@@ -91,7 +96,9 @@ class Routes:
 
     def add(self, method: str, path: str, handler: Handler, summary: str, **kw: Any) -> None:
         self.app.router.add_route(method, path, handler)
-        self._ops.append(Operation(method.upper(), path, summary, self.tag, **kw))
+        op = Operation(method.upper(), path, summary, self.tag, **kw)
+        self._ops.append(op)
+        declare(self.app, op.method, openapi_path(path)[0], op.access)  # aiohttp's canonical
 
     def get(self, path: str, handler: Handler, summary: str, **kw: Any) -> None:
         self.add("GET", path, handler, summary, **kw)
@@ -188,6 +195,8 @@ def _operation(op: Operation, body: dict[str, Any] | None, params: list[Any]) ->
         responses[code] = {"$ref": f"#/components/responses/E{code}"}
     if op.auth:
         responses["401"] = {"$ref": "#/components/responses/E401"}
+        if op.access != "tenant":
+            responses["403"] = {"$ref": "#/components/responses/E403"}
     out["responses"] = responses
     out["security"] = [{"bearer": []}] if op.auth else []
     return out
@@ -205,7 +214,11 @@ def build_document(ops: list[Operation], *, version: str) -> dict[str, Any]:
             "description": what,
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
-        for code, what in {**_ERRORS, "401": "missing or wrong bearer token"}.items()
+        for code, what in {
+            **_ERRORS,
+            "401": "missing or wrong bearer token",
+            "403": "the admin token is needed: a tenant's token cannot make this call",
+        }.items()
     }
     return {
         "openapi": "3.1.0",
@@ -213,8 +226,10 @@ def build_document(ops: list[Operation], *, version: str) -> dict[str, Any]:
             "title": "imsys admin API",
             "version": version,
             "description": "Every /api call but this document needs "
-            "`Authorization: Bearer <http.token>`. Every answer is JSON; an error is "
-            '`{"error": "<what is wrong>"}`.',
+            "`Authorization: Bearer <http.token>` (the admin token) or a tenant's token "
+            "(`POST /api/tokens`), which sees that tenant's data only: another tenant's "
+            "ids are 404, and the calls answering 403 need the admin token. Every answer "
+            'is JSON; an error is `{"error": "<what is wrong>"}`.',
         },
         "paths": dict(sorted(paths.items())),
         "components": {

@@ -15,7 +15,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from imsys import tokens
 from imsys.errors import ConfigError, Unavailable
+from imsys.http import access
+from imsys.http.access import SCOPE, Scope, tenant_access
 from imsys.http.common import domain_errors, has_own_body_limit, page_limit
 from imsys.http.idempotency import IDEMPOTENCY, IdempotencyStore, idempotency
 from imsys.http.json import ApiError, json_response, not_found
@@ -183,17 +186,22 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
 
 @web.middleware
 async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The admin token (`http.token`) or a tenant's (`imsys.tokens`): the request's
+    `Scope`, which `imsys.http.access.tenant_access` then applies."""
     if request.path.startswith("/api/") and not is_public(request.match_info.handler):
         given = request.headers.get("Authorization", "")
         scheme, _, token = given.partition(" ")
         expected = request.app[TOKEN]
-        # Constant-time compare; an empty configured token never matches.
-        if (
-            scheme.lower() != "bearer"
-            or not expected
-            or not hmac.compare_digest(token.encode(), expected.encode())
-        ):
+        if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing or wrong bearer token")
+        # Constant-time compare; an empty configured token never matches.
+        if expected and hmac.compare_digest(token.encode(), expected.encode()):
+            request[SCOPE] = access.ADMIN
+        else:
+            found = await tokens.resolve(request.app[DB], token)
+            if found is None:
+                raise ApiError(401, "missing or wrong bearer token")
+            request[SCOPE] = Scope(tenant_id=found.tenant_id, token_id=found.id)
     return await handler(request)
 
 
@@ -313,7 +321,14 @@ def build_app(
     # before an Idempotency-Key can replay anything; a domain's error becomes its 4xx
     # inside, so an Idempotency-Key keeps that answer too.
     app = web.Application(
-        middlewares=[errors_as_json, body_limit, bearer_auth, idempotency, domain_errors],
+        middlewares=[
+            errors_as_json,
+            body_limit,
+            bearer_auth,
+            tenant_access,
+            idempotency,
+            domain_errors,
+        ],
         client_max_size=max_body_bytes,
     )
     app.on_response_prepare.append(security_headers)
@@ -323,12 +338,20 @@ def build_app(
     app[TOKEN] = token
     app[MAX_BODY] = max_body_bytes
     app[IDEMPOTENCY] = IdempotencyStore(db)
+    access.install(app, db)
     add_openapi(app)
     r, dead = Routes(app, "engine"), f"/api/dead-letters/{{id:{ENTRY_ID}}}"
     r.get("/healthz", healthz, "health (no token)", auth=False, answer="ok, or 503 and why")
     r.get("/metrics", metrics, "Prometheus text (no token)", auth=False, answer_type="text/plain")
-    r.get("/api/queues", queues, "per-stream figures, job progress, live processes")
-    r.get("/api/dead-letters", list_dead_letters, "dead letters, newest first", query=DEAD_Q)
-    r.post(f"{dead}/replay", replay_dead_letter, "put a dead letter back on its stream")
-    r.delete(dead, drop_dead_letter, "drop a dead letter")
+    admin = {"access": "admin"}  # the service's own, not a tenant's
+    r.get("/api/queues", queues, "per-stream figures, job progress, live processes", **admin)
+    r.get(
+        "/api/dead-letters",
+        list_dead_letters,
+        "dead letters, newest first",
+        query=DEAD_Q,
+        **admin,
+    )
+    r.post(f"{dead}/replay", replay_dead_letter, "put a dead letter back on its stream", **admin)
+    r.delete(dead, drop_dead_letter, "drop a dead letter", **admin)
     return app

@@ -597,6 +597,7 @@ async def search_subscribers(
     router_id: int | None,
     limit: int,
     offset: int,
+    tenant_id: int | None = None,
 ) -> dict[str, Any]:
     """Subscribers (not deleted) matching a username/phone/email fragment and filters.
 
@@ -608,6 +609,7 @@ async def search_subscribers(
         s.deleted_at IS NULL
         AND ($2::text IS NULL OR s.sync_status = $2)
         AND ($3::bigint IS NULL OR s.router_id = $3)
+        AND ($4::bigint IS NULL OR s.tenant_id = $4)
     """
     pattern = None
     if search:
@@ -621,14 +623,19 @@ async def search_subscribers(
         where += " AND $1::text IS NULL"
     rows = await db.fetch(
         f"SELECT {SUBSCRIBER_COLUMNS} FROM subscribers s WHERE {where} "
-        "ORDER BY s.id LIMIT $4 OFFSET $5",
+        "ORDER BY s.id LIMIT $5 OFFSET $6",
         pattern,
         sync_status,
         router_id,
+        tenant_id,
         limit,
         offset,
     )
     total = await db.fetchval(
-        f"SELECT count(*) FROM subscribers s WHERE {where}", pattern, sync_status, router_id
+        f"SELECT count(*) FROM subscribers s WHERE {where}",
+        pattern,
+        sync_status,
+        router_id,
+        tenant_id,
     )
     return {"subscribers": [dict(r) for r in rows], "total": total}

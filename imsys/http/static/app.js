@@ -171,8 +171,8 @@
         const age = s.oldest_pending_age_s;
         return el(
           "tr",
-          { "data-stream": name },
-          td(name),
+          { "data-stream": name, "data-paused": s.paused ? "true" : "false" },
+          streamControl(name, s.paused === true),
           td(count(s.length), "num"),
           td(count(s.pending), "num"),
           td(count(s.lag), "num"),
@@ -193,6 +193,24 @@
     $("dead-count").textContent = data.dead_letters ? String(data.dead_letters) : "";
   }
 
+  // A paused stream accepts jobs and runs none, in every process: its badge and the
+  // button that pauses or resumes it.
+  function streamControl(name, paused) {
+    return el(
+      "td",
+      { class: "stream-name" },
+      name,
+      paused ? badge("paused", "paused") : null,
+      el("button", {
+        type: "button",
+        class: paused ? "" : "ghost",
+        text: paused ? "Resume" : "Pause",
+        "data-pause": name,
+        "data-resume": paused ? "true" : "false",
+      }),
+    );
+  }
+
   async function routers() {
     const data = await api("GET", "/api/routers");
     state.routers = new Map(data.routers.map((r) => [r.id, r.name]));
@@ -201,7 +219,21 @@
       const row = el(
         "tr",
         { "data-router": r.id },
-        el("td", {}, r.name, el("div", { class: "muted small code", text: `${r.host}:${r.port}` })),
+        el(
+          "td",
+          {},
+          r.name,
+          // In maintenance: imsys leaves the router alone until then (its jobs wait).
+          r.maintenance_until
+            ? el("span", {
+              class: "pill state-maintenance",
+              "data-maintenance": r.id,
+              text: `maintenance, ends ${when(r.maintenance_until)}`,
+              title: absolute(r.maintenance_until),
+            })
+            : null,
+          el("div", { class: "muted small code", text: `${r.host}:${r.port}` }),
+        ),
         el("td", { title: r.last_error || null }, badge(online, online)),
         td(r.version || "–"),
         td(r.uptime || "–"),
@@ -489,6 +521,10 @@
       if (!window.confirm(`Let router ${d.confirmGuard}'s held disconnections go ahead?`)) return;
       act(button, () => api("POST", `/api/routers/${encodeURIComponent(d.confirmGuard)}/guard/confirm`),
         `Guard of router ${d.confirmGuard} confirmed: its held plan is applied`);
+    } else if (d.pause) {
+      const resume = d.resume === "true";
+      act(button, () => api("POST", `/api/queues/${encodeURIComponent(d.pause)}/${resume ? "resume" : "pause"}`),
+        resume ? `Stream ${d.pause} resumed` : `Stream ${d.pause} paused: it accepts jobs and runs none`);
     } else if (d.outage !== undefined) {
       const down = d.down === "true";
       act(button, () => api("POST", `/api/demo/routers/${encodeURIComponent(d.outage)}/outage`, { down }),

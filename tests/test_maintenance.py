@@ -128,7 +128,8 @@ async def error(resp: Any, status: int) -> str:
 
 async def test_api_maintenance_starts_shows_and_ends(client: Any, stack: Stack) -> None:
     """POST /api/routers/{id}/maintenance sets ``until``: the router read and /metrics show
-    it; ``until: null`` ends it at once and queues the router's reconciliation."""
+    it and a dry-run plan is refused (503); ``until: null`` ends it at once and queues the
+    router's reconciliation."""
     rid = stack.router_id
     assert await metric(client, "imsys_router_maintenance", router_id=str(rid)) == 0
     until = ahead(600).isoformat()
@@ -142,6 +143,8 @@ async def test_api_maintenance_starts_shows_and_ends(client: Any, stack: Stack) 
     listed = await (await client.get(f"/api/routers?tenant_id={stack.tenant_id}")).json()
     assert [r["maintenance_until"] is not None for r in listed["routers"]] == [True]
     assert await metric(client, "imsys_router_maintenance", router_id=str(rid)) == 1
+    # A dry run would read the router: refused while it is in maintenance, saying why.
+    assert "maintenance until" in await error(await client.post(f"/api/routers/{rid}/plan"), 503)
 
     outbox = await stack.db.fetchval("SELECT count(*) FROM outbox")
     resp = await client.post(f"/api/routers/{rid}/maintenance", json={"until": None})

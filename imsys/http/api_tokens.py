@@ -1,5 +1,5 @@
-"""Admin API for tenant tokens (`imsys.tokens`), and ``GET /api/me``: whom a token
-speaks for (the dashboard asks, to show a tenant's token only that tenant's panels).
+"""Admin API for tenant tokens (`imsys.tokens`); whom a token speaks for is
+``GET /api/me`` (`imsys.http.server`).
 
 ``POST /api/tokens`` is not ``@creating``: an Idempotency-Key would keep its answer, the
 token itself, in ``idempotency_keys``; a lost answer is a token to delete and make again.
@@ -11,7 +11,6 @@ from aiohttp import web
 
 from imsys import tokens
 from imsys.deps import Deps
-from imsys.http.access import scope_of
 from imsys.http.common import DEPS, install, int_param, optional_int, parse
 from imsys.http.json import json_response
 from imsys.http.openapi import Query, Routes
@@ -29,16 +28,6 @@ async def get_tokens(request: web.Request) -> web.Response:
 
 async def delete_token(request: web.Request) -> web.Response:
     return json_response(await tokens.delete(request.app[DEPS].db, int_param(request)))
-
-
-async def get_me(request: web.Request) -> web.Response:
-    scope = scope_of(request)
-    answer = scope.as_dict()
-    if not scope.admin:
-        answer["tenant_name"] = await request.app[DEPS].db.fetchval(
-            "SELECT name FROM tenants WHERE id = $1", scope.tenant_id
-        )
-    return json_response(answer)
 
 
 def add_routes(app: web.Application, deps: Deps) -> None:
@@ -62,10 +51,3 @@ def add_routes(app: web.Application, deps: Deps) -> None:
         **admin,
     )
     r.delete(r"/api/tokens/{id:\d+}", delete_token, "revoke a tenant token", **admin)
-    r.get(
-        "/api/me",
-        get_me,
-        "whom the token speaks for: the admin, or one tenant",
-        answer='{"admin", "tenant_id", "token_id", "tenant_name"}',
-        access="tenant",
-    )

@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from imsys import tokens
 from imsys.errors import ConfigError, Unavailable
 from imsys.http import access
-from imsys.http.access import SCOPE, Scope, tenant_access
+from imsys.http.access import SCOPE, Scope, scope_of, tenant_access
 from imsys.http.common import domain_errors, has_own_body_limit, page_limit
 from imsys.http.idempotency import IDEMPOTENCY, IdempotencyStore, idempotency
 from imsys.http.json import ApiError, json_response, not_found
@@ -205,6 +205,17 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     return await handler(request)
 
 
+async def me(request: web.Request) -> web.Response:
+    """Whom the token speaks for (the dashboard names the tenant and shows its cards)."""
+    scope = scope_of(request)
+    answer = scope.as_dict()
+    if not scope.admin:
+        answer["tenant_name"] = await request.app[DB].fetchval(
+            "SELECT name FROM tenants WHERE id = $1", scope.tenant_id
+        )
+    return json_response(answer)
+
+
 async def healthz(request: web.Request) -> web.Response:
     detail: dict[str, str] = {}
     ok = True
@@ -354,4 +365,11 @@ def build_app(
     )
     r.post(f"{dead}/replay", replay_dead_letter, "put a dead letter back on its stream", **admin)
     r.delete(dead, drop_dead_letter, "drop a dead letter", **admin)
+    r.get(
+        "/api/me",
+        me,
+        "whom the token speaks for: the admin, or one tenant",
+        answer='{"admin", "tenant_id", "token_id", "tenant_name"}',
+        access="tenant",
+    )
     return app

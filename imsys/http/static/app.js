@@ -444,7 +444,27 @@
 
   function fail(name, err) {
     if (err && err.status === 401) return;
+    if (err && err.status === 403) return forbid(name);
     showError(name, err && err.message ? err.message : String(err));
+  }
+
+  // A tenant's token (POST /api/tokens) sees its own tenant only: the service-wide
+  // sections (streams, dead letters, history, demo) answer 403 and are hidden, not errors.
+  function forbid(name) {
+    const node = document.querySelector(`[data-error="${name}"]`);
+    const card = node && node.closest("section");
+    if (!card) return;
+    card.hidden = true;
+    card.dataset.forbidden = "true";
+  }
+
+  async function whoami() {
+    try {
+      const me = await api("GET", "/api/me");
+      $("scope").textContent = me.admin ? "admin" : `tenant ${me.tenant_name ?? me.tenant_id}`;
+    } catch (_) {
+      $("scope").textContent = "";
+    }
   }
 
   async function refresh() {
@@ -468,12 +488,18 @@
     $("login").hidden = true;
     $("app").hidden = false;
     $("logout").hidden = false;
+    whoami();
     refresh();
     clearInterval(state.timer);
     state.timer = setInterval(refresh, REFRESH_MS);
   }
 
   function logout(message) {
+    for (const node of document.querySelectorAll("[data-forbidden]")) {
+      node.hidden = false;
+      delete node.dataset.forbidden;
+    }
+    $("scope").textContent = "";
     state.token = null;
     sessionStorage.removeItem(TOKEN_KEY);
     clearInterval(state.timer);

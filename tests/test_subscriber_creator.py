@@ -4,18 +4,26 @@ with its own outcome, correlation id and outbox row."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
+from imsys.http import api_network
+from imsys.http.server import build_app
 from imsys.network import models
 from imsys.network.creator import SubscriberCreator
 from imsys.network.errors import Conflict, Invalid
 from imsys.sync.jobs import sync_job_id
 from imsys.sync.service import subscriber_changed, subscribers_changed
 from tests.sync_support import Stack
+from tests.test_http_network_api import AUTH, TOKEN, subscriber_body
+
+Client = TestClient[web.Request, web.Application]
 
 
 def creator(stack: Stack) -> SubscriberCreator:
@@ -146,3 +154,57 @@ async def test_a_create_cancelled_while_queued_is_not_written(stack: Stack) -> N
         [f"{stack.prefix}-gone", f"{stack.prefix}-after"],
     )
     assert [n["username"] for n in names] == [f"{stack.prefix}-after"]
+
+
+# --- through the API, with Idempotency-Key (claims and answers are batched too) -------------
+
+
+@pytest.fixture
+async def api(stack: Stack) -> AsyncIterator[Client]:
+    """The admin app with the network routes, served for real, with the token."""
+    app = build_app(stack.engine, stack.deps.redis, stack.db, TOKEN)
+    api_network.add_routes(app, stack.deps)
+    async with TestClient(TestServer(app, host="127.0.0.1"), headers=AUTH) as client:
+        yield client
+
+
+async def test_concurrent_keyed_creates_replay_their_own_answers(api: Client, stack: Stack) -> None:
+    """Sixteen creates at once, each with its own key: each is created once, its key is
+    claimed and answered in shared statements, and sent again each replays its own answer."""
+
+    async def post(i: int) -> tuple[int, str | None, dict[str, Any]]:
+        resp = await api.post(
+            "/api/subscribers",
+            json=subscriber_body(stack, f"{stack.prefix}-keyed-{i}"),
+            headers={"Idempotency-Key": f"{stack.prefix}-key-{i}"},
+        )
+        return resp.status, resp.headers.get("Idempotent-Replayed"), await resp.json()
+
+    first = await asyncio.gather(*(post(i) for i in range(16)))
+    assert [(s, r) for s, r, _ in first] == [(201, None)] * 16
+    assert [b["username"] for _, _, b in first] == [f"{stack.prefix}-keyed-{i}" for i in range(16)]
+    again = await asyncio.gather(*(post(i) for i in range(16)))
+    assert [(s, r) for s, r, _ in again] == [(201, "true")] * 16
+    assert [b for _, _, b in again] == [b for _, _, b in first]
+    claims = await stack.db.fetchval(
+        "SELECT count(DISTINCT xmin::text) FROM idempotency_keys WHERE key LIKE $1",
+        f"{stack.prefix}-key-%",
+    )
+    assert claims < 16
+
+
+async def test_one_key_sent_twice_at_once_creates_once(api: Client, stack: Stack) -> None:
+    """The same key and body twice at once (a client retrying too soon): one create; the
+    other answer is the first's replay or the 409 that says it is still in progress."""
+    body = subscriber_body(stack, f"{stack.prefix}-twin")
+    key = {"Idempotency-Key": f"{stack.prefix}-twin-key"}
+    a, b = await asyncio.gather(
+        api.post("/api/subscribers", json=body, headers=key),
+        api.post("/api/subscribers", json=body, headers=key),
+    )
+    statuses = sorted([a.status, b.status])
+    assert statuses in ([201, 201], [201, 409]), statuses
+    count = await stack.db.fetchval(
+        "SELECT count(*) FROM subscribers WHERE username = $1", f"{stack.prefix}-twin"
+    )
+    assert count == 1

@@ -490,10 +490,16 @@ CREATE INDEX IF NOT EXISTS subscriber_wireless_router
 ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS router_entries jsonb;
 ALTER TABLE subscribers ALTER COLUMN router_entries SET DEFAULT '{}'::jsonb;
 
--- === Router maintenance (imsys/sync/maintenance.py) ===
--- Until this instant imsys leaves the router alone: its jobs wait without spending
--- attempts and the reconciliation timer passes it by. NULL or past: no maintenance.
-ALTER TABLE routers ADD COLUMN IF NOT EXISTS maintenance_until timestamptz;
+-- === Honest sync states (imsys/sync/batch.py) ===
+-- pending: a change waits for its job; syncing: a job is working on it; retrying: an
+-- attempt failed and another will come (sync_attempt, next_sync_at, sync_error say which,
+-- when and why); synced; error: its job was dead-lettered or failed for good (or an
+-- unmanaged twin blocks it).
+ALTER TABLE subscribers DROP CONSTRAINT IF EXISTS subscribers_sync_status_check;
+ALTER TABLE subscribers ADD CONSTRAINT subscribers_sync_status_check
+    CHECK (sync_status IN ('pending', 'syncing', 'retrying', 'synced', 'error'));
+ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS sync_attempt integer;
+ALTER TABLE subscribers ADD COLUMN IF NOT EXISTS next_sync_at timestamptz;
 
 -- === Tenant-scoped API tokens (imsys/tokens.py, imsys/http/access.py) ===
 -- A token bound to one tenant: it sees and changes that tenant's data only. Only the
@@ -514,3 +520,8 @@ ALTER TABLE user_batches ADD COLUMN IF NOT EXISTS tenant_id bigint
     REFERENCES tenants(id) ON DELETE SET NULL;
 CREATE INDEX IF NOT EXISTS user_batches_tenant ON user_batches (tenant_id, created_at DESC, id DESC)
     WHERE tenant_id IS NOT NULL;
+
+-- === Router maintenance (imsys/sync/maintenance.py) ===
+-- Until this instant imsys leaves the router alone: its jobs wait without spending
+-- attempts and the reconciliation timer passes it by. NULL or past: no maintenance.
+ALTER TABLE routers ADD COLUMN IF NOT EXISTS maintenance_until timestamptz;

@@ -112,6 +112,10 @@ class SubscriberSyncFailed(Payload):
     router_id: int
     error: str
     attempt: int
+    # retrying: another attempt comes at next_attempt_at; error: none will (dead-lettered,
+    # a permanent failure, or blocked). Absent on events from before these states.
+    status: Literal["retrying", "error"] | None = None
+    next_attempt_at: str | None = None
     # Only when an unmanaged entry holds the name (the subscriber is blocked).
     blocked_by: dict[str, str] | None = None
     remedy: str | None = None

@@ -242,11 +242,6 @@ class BillingSettings(BaseModel):
     phone_channel: Literal["sms", "whatsapp"] = "sms"
 
 
-class EventsSettings(BaseModel):
-    """Backend events and the events stream's own jobs."""
-
-    model_config = ConfigDict(extra="forbid")
-
 class WhatsAppTemplate(BaseModel):
     """An approved WhatsApp template: name, language, and its body parameters in order,
     each a billing template variable ({name}, {amount}...) without the braces."""
@@ -307,6 +302,11 @@ class MessagingSettings(BaseModel):
     def fallback_after(self, kind: str) -> float:
         return self.fallback_after_s.get(kind, self.fallback_after_s.get("*", 1800.0))
 
+
+class EventsSettings(BaseModel):
+    """Backend events and the events stream's own jobs."""
+
+    model_config = ConfigDict(extra="forbid")
 
     # Entries on <prefix>:backend-events older than this are trimmed.
     backend_events_hours: float = Field(default=24.0, gt=0)
@@ -443,12 +443,12 @@ class Settings(BaseSettings):
     sync: SyncSettings = SyncSettings()
     events: EventsSettings = EventsSettings()
     billing: BillingSettings = BillingSettings()
+    messaging: MessagingSettings = MessagingSettings()
     bouncer: BouncerConfig = BouncerConfig()
     bouncer_batching: BouncerBatchingSettings = BouncerBatchingSettings()
     sms: SmsConfig = SmsConfig()
     whatsapp: WhatsAppConfig = WhatsAppConfig()
     smtp: SmtpConfig = SmtpConfig()
-    messaging: MessagingSettings = MessagingSettings()
     demo: DemoSettings = DemoSettings()
     recovery: RecoverySettings = RecoverySettings()
     streams: dict[str, StreamPolicy] = Field(default_factory=_default_streams)

@@ -64,8 +64,9 @@ async def test_suspension_disables_and_ends_the_live_session(stack: Stack) -> No
     assert kick == "ok"
 
 
-async def test_a_session_that_survives_the_kick_is_an_error(stack: Stack) -> None:
-    """If the session is still there after the kick, the subscriber shows an error."""
+async def test_a_session_that_survives_the_kick_is_retried(stack: Stack) -> None:
+    """If the session is still there after the kick, the subscriber shows `retrying` with
+    the attempt, the next try's time and the reason (not yet `error`: retries remain)."""
     sid = await stack.add_subscriber("dave")
     await stack.settle()
     stack.sim.connect_session("dave")
@@ -74,7 +75,9 @@ async def test_a_session_that_survives_the_kick_is_an_error(stack: Stack) -> Non
     await stack.relay.relay_once()
     await stack.engine.consumers["sync"].process_once(block_ms=10)
     row = await stack.subscriber(sid)
-    assert row["sync_status"] == "error"
+    assert row["sync_status"] == "retrying"
+    assert row["sync_attempt"] == 1
+    assert row["next_sync_at"] is not None
     assert "still active after the kick" in row["sync_error"]
     stack.sim.sessions_survive_remove = False
     await stack.settle()

@@ -217,7 +217,7 @@ async def test_down_router_defers_jobs_without_spending_attempts(stack: Stack) -
     assert '"attempt","1"' in (delayed[0] if delayed else "") or entries[0][1]["attempt"] == "1"
     router = await service.get_router(stack.db, stack.router_id)
     assert router["online"] is False
-    assert (await stack.subscriber(sid))["sync_status"] == "pending"
+    assert (await stack.subscriber(sid))["sync_status"] == "retrying"  # the router is away
     await stack.sim.refuse_connections(False)
     await stack.settle()
     assert (await stack.subscriber(sid))["sync_status"] == "synced"
@@ -243,7 +243,7 @@ async def test_refused_login_holds_jobs_and_shows_why_until_fixed(stack: Stack) 
     assert router["online"] is False
     assert "PATCH /api/routers/" in router["last_error"]
     assert "not-the-password" not in router["last_error"]
-    assert (await stack.subscriber(sid))["sync_status"] == "pending"
+    assert (await stack.subscriber(sid))["sync_status"] == "retrying"  # held, with why
     assert await stack.engine.dead_letters.count() == 0
     await stack.db.execute("UPDATE routers SET password = $2 WHERE id = $1", stack.router_id, right)
     await stack.settle()

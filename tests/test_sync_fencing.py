@@ -47,15 +47,20 @@ def a_job(payload: Any, type_: str, fence: Fence | None, entry_id: str = "0-1") 
     )
 
 
-def owner_fence(stack: Stack, consumer: str, before: Callable[[], Awaitable[None]]) -> Fence:
+def owner_fence(
+    stack: Stack, consumer: str, before: Callable[[], Awaitable[None]], at: int = 1
+) -> Fence:
     """The engine's check: this consumer still owns the entry at this delivery count.
 
-    ``before`` runs at the first check only: the moment the process froze.
+    ``before`` runs at the ``at``-th check only: the moment the process froze.
     """
     frozen = [before]
+    checks = 0
 
     async def fence(job: Job[Any]) -> None:
-        if frozen:
+        nonlocal checks
+        checks += 1
+        if frozen and checks == at:
             await frozen.pop()()
         key = stack.engine.keys.stream("sync")
         [pending] = await stack.deps.redis.xpending_range(
@@ -123,7 +128,8 @@ async def test_stale_run_after_another_claim_writes_nothing_and_no_false_error(
         monkeypatch.setattr(batch, "find_entries", read_then_freeze)
         fence = owner_fence(stack, "stale-a", before=_nothing)
     else:
-        fence = owner_fence(stack, "stale-a", before=other_process_takes_over)
+        # The first check marks it syncing; the second comes right before the add.
+        fence = owner_fence(stack, "stale-a", before=other_process_takes_over, at=2)
     _, job_a = registry.parse("sync", entry_id, fields)
     job_a.fence = fence
 
@@ -157,7 +163,8 @@ async def test_fenced_out_before_the_first_write_changes_nothing(stack: Stack) -
 
 
 async def test_fenced_out_at_the_status_write_marks_nothing(stack: Stack) -> None:
-    """A run whose claim is lost after its router write leaves the status pending and
+    """A run whose claim is lost after its router write leaves the status as it set it
+    when it started (`syncing`: the run that holds the job now writes the outcome) and
     publishes no 'subscriber_synced' (the current run will say it)."""
     sid = await stack.add_subscriber("late")
     checks = 0
@@ -165,15 +172,15 @@ async def test_fenced_out_at_the_status_write_marks_nothing(stack: Stack) -> Non
     async def lost_after_the_add(job: Job[Any]) -> None:
         nonlocal checks
         checks += 1
-        if checks > 1:
+        if checks > 2:
             raise FencedOut("claimed by another process after the add")
 
     job = a_job(SyncSubscriber(subscriber_id=sid), "sync_subscriber", lost_after_the_add)
     with pytest.raises(FencedOut):
         await sync_subscriber(stack.sync, job)
-    assert checks == 2  # before the add, then inside the status transaction
+    assert checks == 3  # marking it syncing, before the add, inside the status transaction
     assert [e["name"] for e in stack.sim.items(SECRET)] == ["late"]
-    assert (await stack.subscriber(sid))["sync_status"] == "pending"
+    assert (await stack.subscriber(sid))["sync_status"] == "syncing"
     assert await events(stack, "subscriber_synced", sid) == 0
 
 

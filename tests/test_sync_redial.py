@@ -81,5 +81,5 @@ async def test_the_kicked_session_itself_surviving_is_still_an_error(stack: Stac
     await stack.relay.relay_once()
     await stack.engine.consumers["sync"].process_once(block_ms=10)
     row = await stack.subscriber(sid)
-    assert row["sync_status"] == "error"
+    assert row["sync_status"] == "retrying"  # an error that another attempt may clear
     assert "still active after the kick" in row["sync_error"]

@@ -116,7 +116,7 @@ class Bed:
                 "IMSYS_ENGINE__PROMOTE_INTERVAL_S": "0.1",
                 "IMSYS_ENGINE__GRACE_PERIOD_S": "5",
                 "IMSYS_SYNC__ROUTER_TIMEOUT_S": "5",
-                "IMSYS_SYNC__CIRCUIT_COOLDOWN_S": "0.5",
+                "IMSYS_SYNC__CIRCUIT_SCHEDULE_S": "[0.5, 1, 2]",
                 "IMSYS_SYNC__CIRCUIT_MAX_S": "2",
                 "IMSYS_SYNC__FACTS_EVERY_S": "2" if short else "5",
                 "IMSYS_SYNC__RECONCILE_EVERY_S": "3600",

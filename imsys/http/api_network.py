@@ -25,6 +25,7 @@ from imsys.http.json import ApiError, json_response
 from imsys.http.openapi import Query, Routes
 from imsys.network import bulk, models, service
 from imsys.network.creator import SubscriberCreator
+from imsys.network.models import SYNC_STATES
 from imsys.sync import wireless
 from imsys.sync.service import (
     package_changed,
@@ -177,8 +178,8 @@ async def get_subscribers(request: web.Request) -> web.Response:
     except ValueError:
         raise ApiError(400, "offset must be an integer") from None
     status = q.get("sync_status")
-    if status is not None and status not in ("pending", "synced", "error"):
-        raise ApiError(400, "sync_status must be pending, synced or error")
+    if status is not None and status not in SYNC_STATES:
+        raise ApiError(400, f"sync_status must be one of {', '.join(SYNC_STATES)}")
     rows = await service.search_subscribers(
         request.app[DEPS].db,
         search=q.get("q"),
@@ -217,7 +218,7 @@ async def delete_subscriber(request: web.Request) -> web.Response:
 TENANT_Q = Query("tenant_id", "integer", "only this tenant's")
 SEARCH_Q = (
     Query("q", description="a fragment of username, phone or e-mail, matched literally"),
-    Query("sync_status", description="pending, synced or error"),
+    Query("sync_status", description=", ".join(SYNC_STATES)),
     Query("router_id", "integer", "only this router's"),
     Query("limit", "integer", "1-1000, default 100"),
     Query("offset", "integer", "rows to skip"),

@@ -17,6 +17,12 @@ from imsys.routeros.tls import normalize_fingerprint
 ASCII_PRINTABLE = r"^[\x21-\x7e]+$"
 
 
+# A subscriber's sync state: a change waits (pending), a job works on it (syncing), an
+# attempt failed and another comes (retrying), done (synced), or no attempt will come
+# (error: dead-lettered, a permanent failure, or blocked by an unmanaged entry).
+SYNC_STATES = ("pending", "syncing", "retrying", "synced", "error")
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 

@@ -41,7 +41,8 @@ OnPackage = Callable[["Conn", int, str], Awaitable[None]]
 SUBSCRIBER_COLUMNS = """
     s.id, s.tenant_id, s.router_id, s.package_id, s.username, s.service, s.is_suspended,
     s.expires_at, s.phone, s.email, s.deleted_at, s.desired_version, s.sync_status, s.sync_error,
-    s.last_synced_at, s.online, s.address, s.uptime, s.last_seen_at, s.created_at, s.updated_at,
+    s.sync_attempt, s.next_sync_at, s.last_synced_at, s.online, s.address, s.uptime,
+    s.last_seen_at, s.created_at, s.updated_at,
     s.suspension_reason
 """
 

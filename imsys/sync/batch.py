@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import structlog
@@ -115,6 +116,9 @@ async def sync_batch(ctx: SyncContext, router_id: int, batch: Sequence[Pending])
             items.append(Item(p, sub, sub.entries))
     if not items:
         return
+    items = await _start(ctx, items)
+    if not items:
+        return
     tag = ctx.settings.sync.comment_tag
     writes = 0
     try:
@@ -126,6 +130,8 @@ async def sync_batch(ctx: SyncContext, router_id: int, batch: Sequence[Pending])
             await end_all_sessions(ctx, ros, items)
     except Deferred as exc:
         await _forget_uncertain(ctx, items)
+        waiting = [(i.sub.id, i.sub.version, i.job.attempt) for i in items]
+        await batch_repo.mark_retrying(ctx.db, waiting, str(exc), exc.delay or 0.0)
         for item in items:
             item.pending.fail(exc)
         return
@@ -138,6 +144,21 @@ async def sync_batch(ctx: SyncContext, router_id: int, batch: Sequence[Pending])
         failed=sum(1 for i in items if i.error is not None),
         duration_s=round(time.perf_counter() - started, 4),
     )
+
+
+async def _start(ctx: SyncContext, items: list[Item]) -> list[Item]:
+    """Mark the subscribers `syncing`, locked and fenced as the final status is: a run
+    whose claim another process took writes no status (it fails with FencedOut here)."""
+    async with ctx.db.acquire() as conn, conn.transaction():
+        await batch_repo.lock_versions(conn, [i.sub.id for i in items])
+        await _fence(items)
+        current = [i for i in items if i.error is None]
+        if current:
+            await batch_repo.mark_syncing(conn, [(i.sub.id, i.sub.version) for i in current])
+    for i in items:
+        if i.error is not None:
+            i.pending.fail(i.error)
+    return current
 
 
 async def find_entries(ros: RouterSession, items: list[Item], tag: str) -> None:
@@ -386,6 +407,18 @@ async def _forget_uncertain(ctx: SyncContext, items: list[Item]) -> None:
         await batch_repo.forget_entries(ctx.db, uncertain)
 
 
+def retry_in(ctx: SyncContext, i: Item) -> float | None:
+    """Seconds until the failed subscriber's job runs again, or None when it will not
+    (a permanent failure, or its last attempt: the error stands). The delay is fixed
+    here and handed to the engine with the error, so the time shown is the time used."""
+    err = i.error
+    if not isinstance(err, RetryableError) or i.job.last_attempt:
+        return None
+    if err.defer is None:
+        err.defer = ctx.settings.streams["sync"].retry_delay(i.job.attempt)
+    return err.defer
+
+
 async def settle(ctx: SyncContext, items: list[Item]) -> None:
     """Record the batch (one transaction), publish its events, settle every job."""
     for i in items:
@@ -420,6 +453,8 @@ async def settle(ctx: SyncContext, items: list[Item]) -> None:
                     kicked=i.kicked,
                     entries=i.entries,
                     password_digest=i.password_digest,
+                    attempt=i.job.attempt,
+                    retry_in=retry_in(ctx, i),
                 )
                 for i in rest
             ],
@@ -427,6 +462,8 @@ async def settle(ctx: SyncContext, items: list[Item]) -> None:
     events: list[tuple[EventType, dict[str, Any]]] = []
     for i in rest:
         if i.error is not None:
+            delay = retry_in(ctx, i)
+            next_at = None if delay is None else datetime.now(UTC) + timedelta(seconds=delay)
             events.append(
                 (
                     "subscriber_sync_failed",
@@ -435,6 +472,8 @@ async def settle(ctx: SyncContext, items: list[Item]) -> None:
                         "router_id": i.sub.router_id,
                         "error": str(i.error),
                         "attempt": i.job.attempt,
+                        "status": "error" if delay is None else "retrying",
+                        "next_attempt_at": None if next_at is None else next_at.isoformat(),
                     },
                 )
             )

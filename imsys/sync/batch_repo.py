@@ -117,6 +117,39 @@ async def lock_versions(conn: Conn, ids: Sequence[int]) -> dict[int, int]:
     return {r["id"]: r["desired_version"] for r in rows}
 
 
+async def mark_syncing(conn: Executor, versions: Sequence[tuple[int, int]]) -> None:
+    """Jobs are working on these subscribers (id, version) now."""
+    await conn.execute(
+        """
+        UPDATE subscribers s SET sync_status = 'syncing'
+        FROM unnest($1::bigint[], $2::bigint[]) AS u(id, version)
+        WHERE s.id = u.id AND s.desired_version = u.version AND s.sync_status <> 'syncing'
+        """,
+        [v[0] for v in versions],
+        [v[1] for v in versions],
+    )
+
+
+async def mark_retrying(
+    conn: Executor, waiting: Sequence[tuple[int, int, int]], error: str, delay: float
+) -> None:
+    """These subscribers' jobs (id, version, attempt) wait to be tried again without
+    spending an attempt (the router is away): say why and when."""
+    await conn.execute(
+        """
+        UPDATE subscribers s SET sync_status = 'retrying', sync_error = $4,
+            sync_attempt = u.attempt, next_sync_at = now() + make_interval(secs => $5)
+        FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS u(id, version, attempt)
+        WHERE s.id = u.id AND s.desired_version = u.version
+        """,
+        [w[0] for w in waiting],
+        [w[1] for w in waiting],
+        [w[2] for w in waiting],
+        error[:1000],
+        delay,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What one subscriber's run in the batch came to, for the database."""
@@ -128,6 +161,10 @@ class Outcome:
     entries: dict[str, str] | None  # None: unknown
     # The digest of the password its entry now holds, when this run wrote it.
     password_digest: str | None
+    # For an error: the attempt that failed, and the seconds until the next one (None:
+    # no next one, the error stands).
+    attempt: int = 1
+    retry_in: float | None = None
 
 
 async def record(conn: Conn, outcomes: Sequence[Outcome]) -> set[int]:
@@ -140,9 +177,16 @@ async def record(conn: Conn, outcomes: Sequence[Outcome]) -> set[int]:
             router_entries = u.entries::jsonb,
             router_password_hash = coalesce(u.digest, s.router_password_hash),
             sync_status = CASE WHEN s.desired_version <> u.version THEN s.sync_status
-                               WHEN u.error IS NULL THEN 'synced' ELSE 'error' END,
+                               WHEN u.error IS NULL THEN 'synced'
+                               WHEN u.retry_in IS NOT NULL THEN 'retrying'
+                               ELSE 'error' END,
             sync_error = CASE WHEN s.desired_version <> u.version THEN s.sync_error
                               ELSE u.error END,
+            sync_attempt = CASE WHEN s.desired_version <> u.version THEN s.sync_attempt
+                                WHEN u.error IS NULL THEN NULL ELSE u.attempt END,
+            next_sync_at = CASE WHEN s.desired_version <> u.version THEN s.next_sync_at
+                                WHEN u.retry_in IS NULL THEN NULL
+                                ELSE now() + make_interval(secs => u.retry_in) END,
             synced_version = CASE WHEN s.desired_version = u.version AND u.error IS NULL
                                   THEN u.version ELSE s.synced_version END,
             blocked_version = CASE WHEN s.desired_version = u.version AND u.error IS NULL
@@ -153,8 +197,9 @@ async def record(conn: Conn, outcomes: Sequence[Outcome]) -> set[int]:
                                         THEN '{}' ELSE s.pending_correlations END,
             kick_required = CASE WHEN s.desired_version = u.version AND u.error IS NULL
                                       AND u.kicked THEN false ELSE s.kick_required END
-        FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bool[], $5::text[], $6::text[])
-             AS u(id, version, error, kicked, entries, digest)
+        FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bool[], $5::text[], $6::text[],
+                    $7::int[], $8::float8[])
+             AS u(id, version, error, kicked, entries, digest, attempt, retry_in)
         WHERE s.id = u.id
         RETURNING s.id, s.desired_version = u.version AS current
         """,
@@ -164,5 +209,7 @@ async def record(conn: Conn, outcomes: Sequence[Outcome]) -> set[int]:
         [o.kicked for o in outcomes],
         [None if o.entries is None else orjson.dumps(o.entries).decode() for o in outcomes],
         [o.password_digest for o in outcomes],
+        [o.attempt for o in outcomes],
+        [o.retry_in for o in outcomes],
     )
     return {r["id"] for r in rows if r["current"]}

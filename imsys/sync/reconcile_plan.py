@@ -162,7 +162,7 @@ def diff(
         if sub.blocked and (want.menu(), want.username) in unmanaged:
             result.blocked.append(sid)  # nothing changed since its sync said so
             continue
-        if sub.sync_status == "pending":
+        if sub.sync_status in ("pending", "syncing", "retrying"):
             result.intended.add(sid)
         mine = found.get(sid, [])
         if not (

@@ -103,7 +103,10 @@ async def request_sync(db: asyncpg.Pool, subscriber_id: int, correlation_id: str
     async with db.acquire() as conn, conn.transaction():
         found = await conn.fetchval(
             """
-            UPDATE subscribers SET pending_correlations = pending_correlations || ARRAY[$2]
+            UPDATE subscribers SET pending_correlations = pending_correlations || ARRAY[$2],
+                sync_status = CASE WHEN sync_status = 'syncing' THEN sync_status
+                                   ELSE 'pending' END,
+                next_sync_at = NULL
             WHERE id = $1 RETURNING id
             """,
             subscriber_id,

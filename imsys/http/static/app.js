@@ -294,6 +294,16 @@
     return td(parts.join(" · "), w.associated ? null : "muted", detail);
   }
 
+  // Why a subscriber is not synced: the last error, and for `retrying` which attempt
+  // failed and when the next one comes.
+  function syncDetail(s) {
+    if (s.sync_status === "retrying") {
+      const next = s.next_sync_at ? `next try ${when(s.next_sync_at)}` : "next try soon";
+      return `attempt ${s.sync_attempt || "?"} failed, ${next}: ${s.sync_error || ""}`;
+    }
+    return s.sync_status === "synced" ? "" : s.sync_error || "";
+  }
+
   async function subscribers() {
     const { q, status, offset, limit } = state.subs;
     const params = new URLSearchParams({ limit: String(limit), offset: String(offset) });
@@ -316,7 +326,7 @@
         td(state.routers.get(s.router_id) || `#${s.router_id}`),
         td(s.service),
         el("td", {}, badge(s.sync_status, s.sync_status)),
-        td(s.sync_error || "", "wrap"),
+        td(syncDetail(s), "wrap"),
         td(session),
         signal(s.wireless),
         td(when(s.expires_at), null, s.expires_at ? absolute(s.expires_at) : null),
@@ -541,8 +551,17 @@
       act(button, () => api("DELETE", `/api/dead-letters/${encodeURIComponent(d.drop)}`),
         `Dead letter ${d.drop} dropped`);
     } else if (d.retry) {
-      act(button, () => api("POST", `/api/subscribers/${encodeURIComponent(d.retry)}/sync`),
-        `Sync of subscriber ${d.retry} queued`);
+      act(button, async () => {
+        await api("POST", `/api/subscribers/${encodeURIComponent(d.retry)}/sync`);
+        // The API marked it pending; show that at once, before the next refresh.
+        const row = button.closest("tr");
+        const pill = row && row.querySelector(".pill");
+        if (pill && row.dataset.sync !== "syncing") {
+          pill.textContent = "pending";
+          pill.className = "pill state-pending";
+          row.dataset.sync = "pending";
+        }
+      }, `Sync of subscriber ${d.retry} queued`);
     } else if (d.confirmGuard) {
       if (!window.confirm(`Let router ${d.confirmGuard}'s held disconnections go ahead?`)) return;
       act(button, () => api("POST", `/api/routers/${encodeURIComponent(d.confirmGuard)}/guard/confirm`),

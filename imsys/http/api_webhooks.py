@@ -127,10 +127,29 @@ async def get_channels(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application, deps: Deps) -> None:
     install(app, deps)
-    app.router.add_get("/webhooks/whatsapp", whatsapp_handshake)
-    app.router.add_post("/webhooks/whatsapp", whatsapp_post)
-    app.router.add_post("/webhooks/africastalking", africastalking_post)
-    app.router.add_post("/webhooks/twilio", twilio_post)
+    # No admin token: each provider signs its calls instead (checked by each handler),
+    # and a route answers 404 until its secret is configured.
+    hooks = Routes(app, "webhooks")
+    hooks.get(
+        "/webhooks/whatsapp", whatsapp_handshake,
+        "Meta's verification handshake (hub.mode, hub.verify_token, hub.challenge)",
+        auth=False,
+    )
+    hooks.post(
+        "/webhooks/whatsapp", whatsapp_post,
+        "WhatsApp statuses and inbound messages, signed by X-Hub-Signature-256",
+        auth=False, body_required=False,
+    )
+    hooks.post(
+        "/webhooks/africastalking", africastalking_post,
+        "Africa's Talking delivery reports (form-encoded), with the configured token",
+        auth=False, body_required=False,
+    )
+    hooks.post(
+        "/webhooks/twilio", twilio_post,
+        "Twilio status callbacks (form-encoded), signed by X-Twilio-Signature",
+        auth=False, body_required=False,
+    )
     Routes(app, "messaging").get(
         "/api/channels", get_channels,
         "each channel's state and the tenants it is out of credit for",

@@ -4,8 +4,9 @@ with its own outcome, correlation id and outbox row."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -14,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from imsys.http import api_network
+from imsys.http.idempotency import IdempotencyStore, Scope, Stored
 from imsys.http.server import build_app
 from imsys.network import models
 from imsys.network.creator import SubscriberCreator
@@ -106,21 +108,25 @@ async def test_a_bad_create_fails_alone(stack: Stack) -> None:
     assert sorted(j["correlation_id"] for j in jobs.values()) == ["c1", "c4"]
 
 
-async def test_same_username_twice_in_one_batch(stack: Stack) -> None:
-    """Two creates of one username queued together: one is created, the other is the 409
-    a second create gets, and one row exists."""
+async def test_same_username_twice_at_once(stack: Stack) -> None:
+    """Two creates of one username queued together (they never share a batch): one is
+    created, the other is the 409 a second create gets, and the row is the winner's."""
     c = creator(stack)
-    first, second = await asyncio.gather(
+    outcomes = await asyncio.gather(
         c.create(sub(stack, "twice", password="first-pw"), "a"),
         c.create(sub(stack, "twice", password="second-pw"), "b"),
         return_exceptions=True,
     )
-    assert isinstance(first, dict)
-    assert isinstance(second, Conflict)
+    made = [(o, pw) for o, pw in zip(outcomes, ("first-pw", "second-pw"), strict=True)]
+    won = [(o, pw) for o, pw in made if isinstance(o, dict)]
+    lost = [o for o, _ in made if not isinstance(o, dict)]
+    assert len(won) == 1
+    assert len(lost) == 1
+    assert isinstance(lost[0], Conflict)
     stored = await stack.db.fetch(
         "SELECT id, password FROM subscribers WHERE username = $1", f"{stack.prefix}-twice"
     )
-    assert [(s["id"], s["password"]) for s in stored] == [(first["id"], "first-pw")]
+    assert [(s["id"], s["password"]) for s in stored] == [(won[0][0]["id"], won[0][1])]
 
 
 async def test_a_value_postgres_refuses_does_not_fail_the_batch(stack: Stack) -> None:
@@ -186,11 +192,29 @@ async def test_concurrent_keyed_creates_replay_their_own_answers(api: Client, st
     again = await asyncio.gather(*(post(i) for i in range(16)))
     assert [(s, r) for s, r, _ in again] == [(201, "true")] * 16
     assert [b for _, _, b in again] == [b for _, _, b in first]
-    claims = await stack.db.fetchval(
+
+
+async def test_concurrent_claims_share_one_statement(stack: Stack) -> None:
+    """Claims made together are one insert (one xmin), each won by its own caller; their
+    answers, recorded together, replay each to its own key."""
+    store = IdempotencyStore(stack.db)
+    await store.claim(Scope(f"{stack.prefix}-first", "POST", "/api/x"), b"d")  # its purge ran
+    scopes = [Scope(f"{stack.prefix}-claim-{i}", "POST", "/api/x") for i in range(8)]
+    claims = await asyncio.gather(*(store.claim(s, b"digest") for s in scopes))
+    assert all(isinstance(c, uuid.UUID) for c in claims)
+    xmins = await stack.db.fetchval(
         "SELECT count(DISTINCT xmin::text) FROM idempotency_keys WHERE key LIKE $1",
-        f"{stack.prefix}-key-%",
+        f"{stack.prefix}-claim-%",
     )
-    assert claims < 16
+    assert xmins == 1
+    await asyncio.gather(
+        *(
+            store.complete(s, cast(uuid.UUID, c), 201, f'{{"n":{i}}}'.encode())
+            for i, (s, c) in enumerate(zip(scopes, claims, strict=True))
+        )
+    )
+    replays = await asyncio.gather(*(store.claim(s, b"digest") for s in scopes))
+    assert replays == [Stored(201, f'{{"n":{i}}}'.encode()) for i in range(8)]
 
 
 async def test_one_key_sent_twice_at_once_creates_once(api: Client, stack: Stack) -> None:

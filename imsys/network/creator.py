@@ -123,8 +123,10 @@ class SubscriberCreator:
         return await create_subscriber(self.db, data, correlation_id, on_change=self.on_change)
 
     def _take(self) -> list[_Create]:
-        """The next batch: queued creates still awaited, one per username and router (a
-        second one waits for the next batch, where the first is already written)."""
+        """The next batch: queued creates still awaited, one per username and router (one
+        statement must not write a key twice). A second create of a key goes to a later
+        batch, which may run beside this one: as for two lone creates at once, one of
+        them is written and the other gets the 409."""
         batch: list[_Create] = []
         keys: set[Key] = set()
         later: list[_Create] = []

@@ -525,3 +525,9 @@ CREATE INDEX IF NOT EXISTS user_batches_tenant ON user_batches (tenant_id, creat
 -- Until this instant imsys leaves the router alone: its jobs wait without spending
 -- attempts and the reconciliation timer passes it by. NULL or past: no maintenance.
 ALTER TABLE routers ADD COLUMN IF NOT EXISTS maintenance_until timestamptz;
+
+-- === Bulk work waits its turn (imsys/outbox.py) ===
+-- Rows of timer-driven work (a reconciliation's, a sweep's jobs) are relayed only while
+-- their stream holds fewer than sync.bulk_backlog entries; every other row at once.
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS bulk boolean NOT NULL DEFAULT false;
+CREATE INDEX IF NOT EXISTS outbox_bulk_due ON outbox (stream, available_at, id) WHERE bulk;

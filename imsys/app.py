@@ -136,7 +136,12 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
 
         # Objects alive now live for the whole process: keep them out of GC scans.
         gc.freeze()
-        relay = OutboxRelay(db, engine.producer, poll_s=settings.sync.outbox_poll_s)
+        relay = OutboxRelay(
+            db,
+            engine.producer,
+            poll_s=settings.sync.outbox_poll_s,
+            bulk_backlog=settings.sync.bulk_backlog,
+        )
         relay_task = asyncio.create_task(relay.run(engine.stopping))
         run = asyncio.create_task(engine.run())
         # systemd (Type=notify): READY=1, watchdog pings, STOPPING=1; a no-op elsewhere.

@@ -33,6 +33,9 @@ log = structlog.get_logger("imsys.outbox")
 
 CHANNEL = "imsys_outbox"
 BATCH = 2000
+# Bulk rows are held while their stream holds this many entries (sync.bulk_backlog).
+DEFAULT_BULK_BACKLOG = 2000
+HELD_POLL_S = 0.1
 RUNNING_RETRY = "1 second"
 
 
@@ -58,39 +61,89 @@ async def add_many(
     conn: Conn,
     spec: JobSpec[Any],
     rows: list[tuple[BaseModel | Mapping[str, Any], str | None]],
+    *,
+    bulk: bool = False,
 ) -> None:
-    """Many outbox rows of ``spec``'s job in one statement (a sweep suspending hundreds)."""
+    """Many outbox rows of ``spec``'s job in one statement (a sweep suspending hundreds).
+
+    ``bulk``: timer-driven work (reconciliation, sweeps). Its rows wait here while the
+    stream already holds ``bulk_backlog`` entries, so a change made through the API or by
+    a payment never queues behind thousands of them (it is relayed at once)."""
     if not rows:
         return
     await conn.execute(
         """
-        INSERT INTO outbox (stream, type, payload, job_id)
-        SELECT $1, $2, p::jsonb, j FROM unnest($3::text[], $4::text[]) AS u(p, j)
+        INSERT INTO outbox (stream, type, payload, job_id, bulk)
+        SELECT $1, $2, p::jsonb, j, $5 FROM unnest($3::text[], $4::text[]) AS u(p, j)
         """,
         spec.stream,
         spec.name,
         [spec.dump(p) for p, _ in rows],
         [j for _, j in rows],
+        bulk,
     )
 
 
 class OutboxRelay:
-    def __init__(self, db: asyncpg.Pool, producer: Producer, *, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        db: asyncpg.Pool,
+        producer: Producer,
+        *,
+        poll_s: float = 1.0,
+        bulk_backlog: int = DEFAULT_BULK_BACKLOG,
+    ) -> None:
         self.db = db
         self.producer = producer
         self.poll_s = poll_s
+        self.bulk_backlog = bulk_backlog
+        # Bulk rows waited for room in their stream at the last pass: look again soon.
+        self.held = False
         self._wake = asyncio.Event()
+
+    async def _due(self, conn: Conn) -> list[asyncpg.Record]:
+        """The rows to publish now: every due change first, then bulk rows of each stream
+        while that stream holds fewer than ``bulk_backlog`` entries (acknowledged entries
+        are deleted, so its length is what waits or runs)."""
+        rows = list(
+            await conn.fetch(
+                """
+                SELECT id, stream, type, payload::text AS payload, job_id FROM outbox
+                WHERE available_at <= now() AND NOT bulk
+                ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+                """,
+                BATCH,
+            )
+        )
+        streams = await conn.fetch(
+            "SELECT DISTINCT stream FROM outbox WHERE bulk AND available_at <= now()"
+        )
+        self.held = False
+        for s in streams:
+            room = min(
+                self.bulk_backlog - await self.producer.redis.xlen(
+                    self.producer.keys.stream(s["stream"])
+                ),
+                BATCH - len(rows),
+            )
+            if room <= 0:
+                self.held = True
+                continue
+            rows += await conn.fetch(
+                """
+                SELECT id, stream, type, payload::text AS payload, job_id FROM outbox
+                WHERE available_at <= now() AND bulk AND stream = $2
+                ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+                """,
+                room,
+                s["stream"],
+            )
+        return rows
 
     async def relay_once(self) -> int:
         """Publish what is due; returns the number of rows settled."""
         async with self.db.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                """
-                SELECT id, stream, type, payload::text AS payload, job_id FROM outbox
-                WHERE available_at <= now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
-                """,
-                BATCH,
-            )
+            rows = await self._due(conn)
             if not rows:
                 return 0
             done: list[int] = []
@@ -152,7 +205,9 @@ class OutboxRelay:
                     await backoff.sleep()
                     continue
                 self._wake.clear()
-                await _first(self._wake, stopping, within=self.poll_s)
+                # Held bulk rows go as soon as their stream drains, not a poll later.
+                within = min(self.poll_s, HELD_POLL_S) if self.held else self.poll_s
+                await _first(self._wake, stopping, within=within)
         finally:
             if listener is not None:
                 await asyncio.shield(self._release(listener))

@@ -188,6 +188,10 @@ class SyncSettings(BaseModel):
     # Most sync_subscriber jobs of one router taken together over one connection
     # (imsys/sync/batch.py): one read per menu and the writes sent back to back.
     batch_size: int = Field(default=500, ge=1, le=10_000)
+    # Timer-driven sync work (a reconciliation's or a sweep's jobs) waits in the outbox
+    # while the sync stream holds this many entries, so that a change made through the
+    # API or by a payment is never queued behind thousands of them.
+    bulk_backlog: int = Field(default=2000, ge=1)
 
     # Entries imsys manages carry the comment "<tag>:sub=<subscriber id>"; others are
     # never touched.

@@ -7,7 +7,9 @@ router work through them a batch at a time over one connection (``batch.sync_bat
 one read per menu for the batch, the writes sent together, one transaction to record.
 
 Jobs that arrive while a router's batch is running wait for the next one, so a busy
-router gets big batches and an idle one answers a single change at once.
+router gets big batches and an idle one answers a single change at once. A change made
+through the API or by a payment goes ahead of timer-driven work (a reconciliation's or
+a sweep's jobs) waiting for the same router.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("imsys.sync")
 
+# Causes of timer-driven work: they wait behind every other change for their router.
+BULK_CAUSES = frozenset({"reconciliation", "sweep", "republish"})
+
 
 @dataclass(eq=False)
 class Pending:
@@ -41,6 +46,10 @@ class Pending:
     @property
     def subscriber_id(self) -> int:
         return self.job.payload.subscriber_id
+
+    @property
+    def bulk(self) -> bool:
+        return self.job.payload.cause in BULK_CAUSES
 
     def succeed(self) -> None:
         if not self.future.done():
@@ -59,7 +68,8 @@ class SyncBatcher:
         self._size = size
         self._unrouted: list[Pending] = []
         self._routing: asyncio.Task[None] | None = None
-        self._queues: dict[int, deque[Pending]] = {}
+        # Per router: changes first, then timer-driven work.
+        self._queues: dict[int, tuple[deque[Pending], deque[Pending]]] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
 
     async def run(self, job: Job[SyncSubscriber]) -> None:
@@ -94,7 +104,8 @@ class SyncBatcher:
                 if router_id is None:
                     p.fail(PermanentError(f"subscriber {p.subscriber_id} does not exist"))
                     continue
-                self._queues.setdefault(router_id, deque()).append(p)
+                urgent, bulk = self._queues.setdefault(router_id, (deque(), deque()))
+                (bulk if p.bulk else urgent).append(p)
                 worker = self._workers.get(router_id)
                 if worker is None or worker.done():
                     self._workers[router_id] = asyncio.create_task(
@@ -111,21 +122,22 @@ class SyncBatcher:
         """Batches for one router, one after another, until its queue is empty."""
         from imsys.sync.batch import sync_batch  # the batch needs the handlers' plumbing
 
-        queue = self._queues[router_id]
-        while queue:
+        queues = self._queues[router_id]
+        while any(queues):
             batch: list[Pending] = []
             seen: set[int] = set()
-            held: list[Pending] = []
-            while queue and len(batch) < self._size:
-                p = queue.popleft()
-                if p.future.done():
-                    continue
-                if p.subscriber_id in seen:
-                    held.append(p)  # a second job for one subscriber: the next batch
-                    continue
-                seen.add(p.subscriber_id)
-                batch.append(p)
-            queue.extendleft(reversed(held))
+            for queue in queues:
+                held: list[Pending] = []
+                while queue and len(batch) < self._size:
+                    p = queue.popleft()
+                    if p.future.done():
+                        continue
+                    if p.subscriber_id in seen:
+                        held.append(p)  # a second job for one subscriber: the next batch
+                        continue
+                    seen.add(p.subscriber_id)
+                    batch.append(p)
+                queue.extendleft(reversed(held))
             if not batch:
                 continue
             try:
@@ -140,5 +152,5 @@ class SyncBatcher:
             finally:
                 for p in batch:  # a job the batch forgot must not wait for ever
                     p.fail(RuntimeError(f"sync batch left subscriber {p.subscriber_id} unsettled"))
-        if not queue:
+        if not any(queues):
             self._queues.pop(router_id, None)

@@ -295,6 +295,7 @@ async def sync_router(ctx: SyncContext, job: Job[RouterJob]) -> None:
                     )
                     for sid in syncs
                 ],
+                bulk=True,
             )
     log.info(
         "router_reconciled",
@@ -385,6 +386,7 @@ async def expire_tenant(ctx: SyncContext, job: Job[ExpireTenant]) -> None:
                     )
                     for r in suspended
                 ],
+                bulk=True,
             )
         if suspended:
             log.info(

@@ -72,8 +72,9 @@ async def test_sync_publishes_its_events(stack: Stack) -> None:
 
 
 async def test_every_kind_appears_on_the_stream(ev: EventsStack, stack: Stack) -> None:
-    """OTP, service, notification, guard and the seed's e-mail / WhatsApp-token events
-    join the sync ones: every kind of EventType appears."""
+    """OTP, service, notification (sent, delivered, fallback, out of credit), guard and
+    the seed's e-mail / WhatsApp-token events join the sync ones: every kind of EventType
+    appears."""
     await drive_sync(stack)
     await ev.enqueue("whatsapp_otp", otp_payload())
     await ev.enqueue("email_otp", otp_payload(recipient=EMAIL, expires_at=now_ms() - 1))
@@ -99,6 +100,21 @@ async def test_every_kind_appears_on_the_stream(ev: EventsStack, stack: Stack) -
     await ev.deps.events.publish(
         "notification_failed",
         {"notification_id": 8, "channel": "email", "template": "reminder", "error": "550"},
+    )
+    # Receipts, fallback and an empty balance publish these (tests/test_messaging.py
+    # drives each from the gateway simulator); here, their place on the stream.
+    await ev.deps.events.publish(
+        "notification_delivered", {"notification_id": 7, "channel": "sms", "status": "delivered"}
+    )
+    await ev.deps.events.publish(
+        "notification_fallback",
+        {"notification_id": 9, "channel": "whatsapp", "template": "reminder",
+         "error": "131047", "fallback": "sms"},
+    )
+    await ev.deps.events.publish(
+        "channel_out_of_credit",
+        {"channel": "sms", "tenant_id": stack.tenant_id, "account": None,
+         "error": "InsufficientBalance"},
     )
     # Sync publishes this when its guard holds disconnections (tests/test_guard.py trips it).
     await ev.deps.events.publish(

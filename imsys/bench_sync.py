@@ -15,6 +15,17 @@ own. Everything an operator would do goes through the admin API. Phases, in orde
    removed, half disabled or moved to another profile), the reconciliation queued as an
    external producer does (`queue_reconciliation`); ``reconcile_job_s`` is the job's own
    run time from the engine's job history, ``reconcile_e2e_s`` runs to the last heal.
+4. ``priority_*`` (issue 16: with 10,000 reconciliation jobs waiting, an API change to
+   one subscriber reaches the router within 2 s): every entry of the same router but one
+   moved to another profile on the router (drift a ``set`` repairs, no disconnection,
+   so the mass-disconnect guard lets it through), its reconciliation queued; once its
+   jobs are queued, ``PATCH /api/subscribers/{id}`` of the one left alone with a new
+   password. ``priority_change_s`` runs from the request to the moment the router holds
+   the password (polled every 10 ms); ``priority_bulk_waiting`` of the
+   ``priority_bulk_total`` drifted entries were still not repaired at that moment.
+   Where the change waited: ``priority_relayed_s`` (its outbox row gone),
+   ``priority_stream_ahead`` (the sync stream's length then: entries waiting or running
+   ahead of it), ``priority_batch_s`` (its subscriber ``syncing``, a batch took it).
 
 Progress goes to stderr, the one JSON line to stdout (`print_result`).
 """
@@ -22,6 +33,7 @@ Progress goes to stderr, the one JSON line to stdout (`print_result`).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import Counter
 from typing import Any
@@ -36,11 +48,12 @@ from imsys.bench_sync_bed import (
     say,
 )
 from imsys.redisconn import make_redis
+from imsys.routeros.menus import BUILTIN_PROFILE
 from imsys.settings import Settings
 from imsys.streams.keys import Keys
 from imsys.streams.producer import Producer
 from imsys.streams.scripts import Scripts
-from imsys.sync.jobs import reconcile_job_id
+from imsys.sync.jobs import reconcile_job_id, sync_job_id
 from imsys.sync.service import queue_reconciliation
 
 __all__ = ["FIELDS", "SyncBenchOptions", "command_figures", "run_sync_bench"]
@@ -57,6 +70,9 @@ FIELDS = (
     "reconcile_job_s",
     "reconcile_e2e_s",
     "reconcile_commands",
+    "priority_change_s",
+    "priority_bulk_waiting",
+    "priority_bulk_total",
     "peak_rss_mb",
 )
 
@@ -186,6 +202,94 @@ class SyncBench(SyncBed):
         finally:
             await redis.aclose()
 
+    async def priority(self, router_id: int) -> None:
+        """Phase 4: one API change while the router's whole reconciliation waits."""
+        o = self.opts
+        assert self.sims is not None
+        assert self.db is not None
+        sims, db = self.sims, self.db
+        index = self.router_ids.index(router_id)
+        # Every one synced first: a subscriber still pending would get a job of its own.
+        await self.all_synced([router_id], o.subscribers)
+        target = await db.fetchrow(
+            "SELECT id, username FROM subscribers WHERE router_id = $1 ORDER BY id LIMIT 1",
+            router_id,
+        )
+        assert target is not None
+        sid, name = int(target["id"]), str(target["username"])
+        total = await sims.ask("move_profiles", index, MENU, self.tag, BUILTIN_PROFILE, name)
+        self.result["priority_bulk_total"] = total
+        say(f"{total} entries moved to profile {BUILTIN_PROFILE!r}; queueing the reconciliation")
+        redis = make_redis(self.settings)
+        keys = Keys(self.prefix)
+        stream = keys.stream("sync")
+        try:
+            producer = Producer(redis, keys, Scripts(redis))
+
+            async def queued() -> bool:
+                return not (await queue_reconciliation(producer, router_id)).duplicate
+
+            await self.wait(queued, "the reconciliation queued", every=0.05)
+            t_queued = time.perf_counter()
+
+            async def jobs_queued() -> bool:
+                # The reconciliation marks the drifted pending in the transaction that
+                # queues their jobs; a repaired entry means they were queued too.
+                marked = await db.fetchval(
+                    "SELECT count(*) FROM subscribers WHERE router_id = $1 "
+                    "AND sync_status <> 'synced'",
+                    router_id,
+                )
+                return bool(marked >= total or await sims.ask("still_moved", index, MENU) < total)
+
+            await self.wait(jobs_queued, f"the reconciliation's {total} jobs queued", every=0.01)
+            outboxed = await db.fetchval("SELECT count(*) FROM outbox WHERE bulk")
+            say(
+                f"jobs queued: {outboxed} in the outbox, {await redis.xlen(stream)} in the "
+                "stream; changing one subscriber through the API"
+            )
+            password = f"pw-priority-{secrets.token_hex(6)}"
+            job_id = sync_job_id(sid)
+            marks: dict[str, float] = {}
+            waiting: int | None = None
+            t0 = time.perf_counter()
+            await self.api("PATCH", f"/api/subscribers/{sid}", {"password": password})
+
+            async def landed() -> bool:
+                nonlocal waiting
+                now = round(time.perf_counter() - t0, 3)
+                if "priority_relayed_s" not in marks and not await db.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM outbox WHERE job_id = $1 AND NOT bulk)", job_id
+                ):
+                    marks["priority_relayed_s"] = now
+                    marks["priority_stream_ahead"] = await redis.xlen(stream)
+                if "priority_batch_s" not in marks and await db.fetchval(
+                    "SELECT sync_status FROM subscribers WHERE id = $1", sid
+                ) in ("syncing", "synced"):
+                    marks["priority_batch_s"] = now
+                waiting = await sims.ask("landed", index, MENU, name, password)
+                return waiting is not None
+
+            await self.wait(landed, "the API change on the router", every=0.01)
+            self.result["priority_change_s"] = round(time.perf_counter() - t0, 3)
+            self.result["priority_bulk_waiting"] = waiting
+            # A step the last poll did not see happened before the change landed.
+            for step in ("priority_relayed_s", "priority_batch_s"):
+                marks.setdefault(step, self.result["priority_change_s"])
+            self.result.update(marks)
+            say(
+                f"the change landed after {self.result['priority_change_s']}s with {waiting} "
+                f"of {total} reconciliation jobs still waiting ({marks})"
+            )
+
+            async def repaired() -> bool:
+                return bool(await sims.ask("still_moved", index, MENU) == 0)
+
+            await self.wait(repaired, f"{total} moved entries repaired")
+            self.result["priority_bulk_s"] = round(time.perf_counter() - t_queued, 2)
+        finally:
+            await redis.aclose()
+
     async def run(self) -> dict[str, Any]:
         o = self.opts
         try:
@@ -195,6 +299,7 @@ class SyncBench(SyncBed):
                 await self.api_creates(extra)
             await self.bulk_and_sync(main)
             await self.reconcile(main[0])
+            await self.priority(main[0])
         except BenchTimeout as exc:
             say(str(exc))
             self.result["timed_out"] = str(exc)
@@ -206,7 +311,7 @@ class SyncBench(SyncBed):
 
 
 async def run_sync_bench(settings: Settings, opts: SyncBenchOptions) -> dict[str, Any]:
-    """Run the three phases; every field of FIELDS is in the answer (None if not reached)."""
+    """Run the four phases; every field of FIELDS is in the answer (None if not reached)."""
     if opts.routers < 1 or opts.subscribers < 1 or opts.clients < 1 or opts.api_creates < 0:
         raise ValueError("--routers, --subscribers and --clients must be at least 1")
     if not 0 < opts.drift <= 1:

@@ -32,6 +32,8 @@ class _Routers:
         self.sims = sims
         # Per router: name -> the managed entry as it was before drift.
         self.drifted: list[dict[str, dict[str, str]]] = [{} for _ in sims]
+        # Per router: name -> the profile a managed entry had before `move_profiles`.
+        self.moved: list[dict[str, str]] = [{} for _ in sims]
 
     def counts(self) -> list[dict[str, int]]:
         return [dict(sim.command_counts) for sim in self.sims]
@@ -72,6 +74,32 @@ class _Routers:
                 altered += 1
         return {"removed": removed, "altered": altered}
 
+    def move_profiles(self, i: int, menu: str, tag: str, profile: str, keep: str) -> int:
+        """Move every managed entry but `keep` (a name) to `profile`, as someone on the
+        router would: drift that reconciliation repairs with a `set` and that cuts nobody
+        off (the mass-disconnect guard lets it through). Returns how many moved."""
+        state = self.sims[i].state
+        self.moved[i] = {}
+        for row in self.sims[i].items(menu):
+            if not row.get("comment", "").startswith(f"{tag}:sub=") or row["name"] == keep:
+                continue
+            self.moved[i][row["name"]] = row.get("profile", "")
+            state.execute(menu, "set", {".id": row[".id"], "profile": profile}, [])
+        return len(self.moved[i])
+
+    def still_moved(self, i: int, menu: str) -> int:
+        """How many entries `move_profiles` moved are not back on their profile yet."""
+        now = {row["name"]: row.get("profile", "") for row in self.sims[i].items(menu)}
+        return sum(1 for name, before in self.moved[i].items() if now.get(name) != before)
+
+    def landed(self, i: int, menu: str, name: str, password: str) -> int | None:
+        """None while entry `name` does not hold `password`; once it does, how many moved
+        entries are still not back, read in the same step (no command runs in between)."""
+        rows = self._by_name(i, menu, name)
+        if len(rows) != 1 or rows[0].get("password") != password:
+            return None
+        return self.still_moved(i, menu)
+
     def healed(self, i: int, menu: str) -> int:
         """How many drifted entries are back: one entry by that name, as before."""
         good = 0
@@ -105,6 +133,9 @@ async def _host(conn: Connection, count: int, username: str, password: str) -> N
         "has": routers.has,
         "drift": routers.drift,
         "healed": routers.healed,
+        "move_profiles": routers.move_profiles,
+        "still_moved": routers.still_moved,
+        "landed": routers.landed,
         "cpu": time.process_time,
     }
     loop = asyncio.get_running_loop()

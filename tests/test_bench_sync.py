@@ -52,8 +52,9 @@ async def test_bench_sync_reports_every_figure_and_cleans_up(
     settings: Settings, redis: Redis, database_url: str
 ) -> None:
     """1 router x 200 from empty: every subscriber synced, router commands counted, the
-    drift healed by the reconciliation, every field in the one JSON line on stdout; its
-    database and Redis keys are gone afterwards."""
+    drift healed by the reconciliation, an API change made while the router's whole
+    reconciliation waits reaches the router, every field in the one JSON line on stdout;
+    its database and Redis keys are gone afterwards."""
     done = subprocess.run(
         [
             sys.executable,
@@ -100,6 +101,14 @@ async def test_bench_sync_reports_every_figure_and_cleans_up(
     assert result["reconcile_e2e_s"] > 0
     assert result["reconcile_job_s"] > 0
     assert result["peak_rss_mb"] > 0
+    # Priority phase: every entry but the changed one drifted, and the change landed (the
+    # phase only reports a time once the router holds the new password) with between none
+    # and all of the reconciliation's jobs still waiting.
+    assert result["priority_bulk_total"] == SUBSCRIBERS - 1
+    assert result["priority_change_s"] > 0
+    assert 0 <= result["priority_bulk_waiting"] <= result["priority_bulk_total"]
+    assert result["priority_relayed_s"] <= result["priority_change_s"]
+    assert result["priority_bulk_s"] > 0
 
     match = re.search(r"database (\S+), key prefix (\S+),", done.stderr)
     assert match is not None, done.stderr[-2000:]

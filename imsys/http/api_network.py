@@ -153,6 +153,7 @@ async def post_subscribers_bulk(request: web.Request) -> web.Response:
     raw = await read_limited(request, deps.settings.http.max_bulk_bytes, "http.max_bulk_bytes")
     rows = bulk_rows(raw, request.content_type)
     await check_rows(request, rows)  # a tenant's token: its own tenant, routers, packages
+    del raw  # the rows are all that is needed now (and bulk.check consumes them)
     try:
         ids = await bulk.create_subscribers(
             deps.db, rows, correlation_id(request), on_created=subscribers_created
@@ -160,7 +161,6 @@ async def post_subscribers_bulk(request: web.Request) -> web.Response:
     except bulk.BulkInvalid as exc:
         detail = exc.as_dict()
         raise ApiError(400, detail.pop("error"), **detail) from None
-    del raw  # the rows are all that is needed now (and bulk.check consumes them)
     return json_response({"created": len(ids), "ids": ids}, status=201)
 
 

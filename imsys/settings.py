@@ -79,7 +79,8 @@ class DatabaseSettings(BaseModel):
 
     url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/imsys")
     pool_min: int = 1
-    pool_max: int = 10
+    # Each router's sync batches, the outbox relay and the API hold one at a time.
+    pool_max: int = 30
 
 
 class HttpSettings(BaseModel):
@@ -145,7 +146,7 @@ def _default_streams() -> dict[str, StreamPolicy]:
         # Many in flight: sync_subscriber jobs wait in their router's batch (SyncSettings
         # .batch_size), so this bounds the batches, not the routers' connections.
         "sync": StreamPolicy(
-            concurrency=1000, max_attempts=10, backoff=[10, 60, 300, 900], job_timeout_s=300
+            concurrency=5000, max_attempts=10, backoff=[10, 60, 300, 900], job_timeout_s=300
         ),
         "billing": StreamPolicy(concurrency=20, max_attempts=3, job_timeout_s=900),
         "events": StreamPolicy(concurrency=20, max_attempts=3, job_timeout_s=120),

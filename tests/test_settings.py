@@ -129,7 +129,7 @@ def test_toml_file_is_read(tmp_path: Path) -> None:
     assert s.http.token.get_secret_value() == "file-token"
     assert s.engine.max_deliveries == 9
     assert "file-token" not in repr(s)
-    assert s.database.pool_max == 10
+    assert s.database.pool_max == 30
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -165,3 +165,43 @@ async def test_inactive_tenant_is_not_billed_or_reminded(billing: BillingStack) 
         "SELECT count(*) FROM notifications WHERE tenant_id = $1 AND template = 'reminder'",
         s.tenant_id,
     ) == 1
+
+
+async def test_inactive_tenant_gets_no_message_and_no_payment_applied(
+    billing: BillingStack,  # noqa: F811
+) -> None:
+    """A message or a payment job that still arrives for an inactive tenant is refused
+    naming the tenant: nothing is sent, the payment stays recorded but not applied; with
+    the tenant active again, the replayed jobs go through."""
+    s = billing.stack
+    sid = await s.add_subscriber("late", phone="+254733000009")
+    await billing.settle()
+    nid = await s.db.fetchval(
+        "INSERT INTO notifications (tenant_id, subscriber_id, channel, recipient, template,"
+        " body, dedupe_key) VALUES ($1, $2::bigint, 'sms', '+254733000009', 'reminder', 'hello',"
+        " 'test:inactive:' || $2::text) RETURNING id",
+        s.tenant_id,
+        sid,
+    )
+    pid = await s.db.fetchval(
+        "INSERT INTO payments (tenant_id, subscriber_id, amount, reference)"
+        " VALUES ($1, $2, 10, 'INACTIVE-1') RETURNING id",
+        s.tenant_id,
+        sid,
+    )
+    await deactivate(s)
+    await s.engine.producer.enqueue("billing", "send_notification", {"notification_id": nid})
+    await s.engine.producer.enqueue("billing", "payment_received", {"payment_id": pid})
+    await billing.settle()
+    for job_type in ("send_notification", "payment_received"):
+        [reason] = await dead_reasons(s, job_type)
+        assert f"tenant {s.tenant_id} is inactive" in reason
+    assert billing.gateway.messages("sms") == []
+    assert await s.db.fetchval("SELECT status FROM notifications WHERE id = $1", nid) == "queued"
+    assert await s.db.fetchval("SELECT applied_at FROM payments WHERE id = $1", pid) is None
+    await service.update_tenant(s.db, s.tenant_id, models.TenantPatch(active=True))
+    for dead in await s.engine.dead_letters.list():
+        assert await s.engine.dead_letters.replay(dead.id)
+    await billing.settle()
+    assert len(billing.gateway.messages("sms")) >= 1
+    assert await s.db.fetchval("SELECT applied_at FROM payments WHERE id = $1", pid) is not None

@@ -15,6 +15,7 @@ from imsys.billing.context import BillingContext
 from imsys.errors import Deferred, PermanentError, RetryableError
 from imsys.providers.errors import OutOfCredits, ProviderRejected
 from imsys.streams.job import Job, JobSpec
+from imsys.tenants import require_active
 
 log = structlog.get_logger("imsys.billing")
 
@@ -105,6 +106,8 @@ async def send_notification(ctx: BillingContext, job: Job[SendNotification]) -> 
     if note["status"] != "queued":
         return  # sent (or given up) by an earlier delivery of this job
     channel, tenant_id = note["channel"], note["tenant_id"]
+    if tenant_id is not None:
+        await require_active(ctx.db, tenant_id)  # an inactive tenant is sent nothing
     # Stopped channels hold their messages (service_control, or the tenant's account out
     # of credit): Deferred, no attempt.
     await ctx.channels.ensure_running(channel, tenant_id)

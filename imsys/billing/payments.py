@@ -27,6 +27,7 @@ from imsys.errors import PermanentError
 from imsys.network.errors import Conflict, Invalid
 from imsys.streams.job import Job, JobSpec
 from imsys.sync.service import queue_sync
+from imsys.tenants import require_active
 
 log = structlog.get_logger("imsys.billing")
 
@@ -54,6 +55,13 @@ def payment_job_id(payment_id: int) -> str:
 
 
 async def payment_received(ctx: BillingContext, job: Job[PaymentReceived]) -> None:
+    tenant_id = await ctx.db.fetchval(
+        "SELECT tenant_id FROM payments WHERE id = $1", job.payload.payment_id
+    )
+    if tenant_id is not None:
+        # The payment stays recorded; applying it (expiry, reconnection, the
+        # acknowledgement) waits in the dead-letter stream until the tenant is active.
+        await require_active(ctx.db, tenant_id)
     result = await apply_payment(
         ctx.db,
         job.payload.payment_id,

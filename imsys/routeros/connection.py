@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import librouteros
 import structlog
-from librouteros.api import AsyncApi
 from librouteros.exceptions import ConnectionClosed, FatalError, ProtocolError
 from librouteros.protocol import encode_sentence
 
@@ -28,133 +26,29 @@ from imsys.routeros.errors import (
     trap_class,
 )
 from imsys.routeros.menus import SYSTEM_REBOOT
-from imsys.routeros.reader import SentenceReader
 from imsys.routeros.target import RouterTarget
 from imsys.routeros.tls import NO_CERTIFICATE_REMEDY, anonymous_only, peer_fingerprint
+from imsys.routeros.wire import (
+    WIRE_ENCODING,
+    Command,
+    LoginRefused,
+    RawApi,
+    Refused,
+    Reply,
+)
+from imsys.routeros.wire import login as plain_login
 from imsys.routeros.words import check_ascii
 
 log = structlog.get_logger("imsys.routeros")
 
-# latin-1 maps each byte to one character, so a reply reads back exactly as the router
-# sent it; librouteros's default (ASCII, errors ignored) silently drops other bytes.
-# Sending is unaffected: every word is checked to be ASCII before it is written.
-_WIRE_ENCODING: Final = "latin-1"
 # Bounded, so that shutting down never waits on a peer that stopped reading.
 _CLOSE_TIMEOUT: Final = 1.0
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What one command got back, every value the router's own string."""
-
-    rows: list[dict[str, str]]
-    # Attributes of `!done`: `ret` (the new `.id`) after an add.
-    done: dict[str, str]
-    traps: list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class Command:
-    """One API command for ``Connection.run_many``: its words, whether it changes the
-    router, and the guard that may refuse it in the step it would be sent."""
-
-    command: str
-    words: Sequence[str]
-    write: bool = False
-    guard: Callable[[], None] | None = None
-
-
-class _Refused(Exception):
-    """A send's guard refused the command; carries the guard's own exception."""
-
-    def __init__(self, reason: Exception) -> None:
-        super().__init__(str(reason))
-        self.reason = reason
 
 
 class _CertificateRefused(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-class _LoginRefused(Exception):
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-def _split_word(word: str) -> tuple[str, str]:
-    # `=name=value`, where the value may itself hold `=`; `.tag=7` has no leading `=`.
-    key, _, value = word.removeprefix("=").partition("=")
-    return key, value
-
-
-class RawApi(AsyncApi):  # type: ignore[misc]  # librouteros ships no type information
-    """AsyncApi whose replies keep the router's strings.
-
-    librouteros's own readSentence turns `yes`/`true` into True and `1234` into 1234;
-    imsys compares what it sent with what the router holds, as strings, so this one
-    leaves every value alone.
-    """
-
-    _sentences: SentenceReader | None = None
-
-    @property
-    def sentences(self) -> SentenceReader:
-        if self._sentences is None:
-            transport = self.protocol.transport
-            self._sentences = SentenceReader(transport.reader, self.protocol.encoding)
-        return self._sentences
-
-    async def readSentence(self) -> tuple[str, dict[str, str]]:  # librouteros calls it by this name
-        words = await self.sentences.sentence()
-        reply_word = words[0]
-        if reply_word == "!fatal":
-            # As librouteros does: the router ends the session after it.
-            self.protocol.transport.writer.transport.abort()
-            raise FatalError(words[1] if len(words) > 1 else "")
-        return reply_word, dict(_split_word(word) for word in words[1:])
-
-    async def send(
-        self, command: str, words: Sequence[str], guard: Callable[[], None] | None = None
-    ) -> None:
-        """Write one sentence; ``guard`` runs just before the bytes reach the socket.
-
-        librouteros's own writeSentence hands the write to a task of its own
-        (``asyncio.wait_for``), a loop turn later; this writes in the caller's step, so
-        nothing runs between the guard and the write.
-        """
-        encoded = encode_sentence(command, *words, encoding=self.protocol.encoding)
-        writer = self.protocol.transport.writer
-        if guard is not None:
-            try:
-                guard()
-            except Exception as exc:
-                raise _Refused(exc) from exc
-        writer.write(encoded)
-        await writer.drain()
-
-    async def read_reply(self) -> Reply:
-        rows: list[dict[str, str]] = []
-        traps: list[dict[str, str]] = []
-        while True:
-            reply_word, attributes = await self.readSentence()
-            if reply_word == "!re":
-                rows.append(attributes)
-            elif reply_word == "!trap":
-                traps.append(attributes)
-            elif reply_word == "!done":
-                return Reply(rows, attributes, traps)
-            # `!empty` (RouterOS 7.18+ on an empty print) carries nothing.
-
-
-async def _login(api: Any, username: str, password: str) -> None:
-    """Plain login (RouterOS >= 6.43), with our string-keeping reply reader."""
-    await api.send("/login", [f"=name={username}", f"=password={password}"])
-    reply: Reply = await api.read_reply()
-    if reply.traps:
-        raise _LoginRefused(reply.traps[0].get("message", "login refused"))
 
 
 def _describe(exc: BaseException) -> str:
@@ -221,7 +115,7 @@ class Connection:
             handshake_done = True
             if ssl_context is not None:
                 _check_pin(target, api.protocol.transport.writer)
-            await _login(api, username, password)
+            await plain_login(api, username, password)
 
         try:
             async with asyncio.timeout(limit):
@@ -233,7 +127,7 @@ class Connection:
                     port=target.port,
                     timeout=limit,
                     subclass=RawApi,
-                    encoding=_WIRE_ENCODING,
+                    encoding=WIRE_ENCODING,
                     ssl_wrapper=ssl_context,
                     login_method=login,
                 )
@@ -246,7 +140,7 @@ class Connection:
             reason = f"TLS certificate not trusted: {exc.verify_message or exc.reason}"
             log.warning("router_tls_refused", **_fields(target), error=reason)
             raise RouterTLSError(f"{target.label}: {reason}", router_id=target.router_id) from exc
-        except _LoginRefused as exc:
+        except LoginRefused as exc:
             log.warning("router_login_failed", **_fields(target), message=exc.message)
             raise RouterAuthError(
                 f"{target.label}: login refused: {exc.message}", router_id=target.router_id
@@ -339,7 +233,7 @@ class Connection:
                 sent = True
                 await self._api.send(command, words, guard)
                 reply = await self._api.read_reply()
-        except _Refused as refused:
+        except Refused as refused:
             # The guard said no before a byte left: the connection is as good as before.
             raise refused.reason from None
         except BaseException as exc:

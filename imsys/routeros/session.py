@@ -9,7 +9,7 @@ from typing import Final, Literal, Protocol
 
 import structlog
 
-from imsys.routeros.connection import Command, Connection, Reply
+from imsys.routeros.connection import Connection
 from imsys.routeros.errors import NoSuchItem, RouterInputError
 from imsys.routeros.menus import (
     HOTSPOT_ACTIVE,
@@ -19,6 +19,7 @@ from imsys.routeros.menus import (
     SYSTEM_RESOURCE,
 )
 from imsys.routeros.target import RouterTarget
+from imsys.routeros.wire import Command, Reply
 from imsys.routeros.words import (
     attribute_words,
     check_ascii,

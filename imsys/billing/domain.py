@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -75,14 +76,27 @@ async def queue_reminders(ctx: BillingContext) -> int:
     return n
 
 
-async def queue_overdue_fallbacks(ctx: BillingContext) -> int:
-    """An SMS for each WhatsApp message neither delivered nor read in its kind's time."""
+async def queue_overdue_fallbacks(ctx: BillingContext, now: float | None = None) -> int:
+    """An SMS for each WhatsApp message neither delivered nor read in its kind's time.
+
+    ``now`` (epoch seconds; the clock when None) is the instant the windows are judged
+    at: the timer passes its slot, so a slot fired late or twice decides the same way,
+    and `ledger.queue_fallback` makes the SMS once whoever queues it.
+    """
     m = ctx.messaging
-    ids = await ledger.overdue_whatsapp(ctx.db, m.fallback_after_s, m.fallback_after("*"))
-    n = await ledger.queue_fallback(ctx.db, ids, SEND_NOTIFICATION)
-    if n:
-        log.info("notification_fallbacks_queued", count=n, reason="not_delivered_in_time")
-    return n
+    at = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    ids = await ledger.overdue_whatsapp(ctx.db, m.fallback_after_s, m.fallback_after("*"), at)
+    queued = await ledger.queue_fallback(ctx.db, ids, SEND_NOTIFICATION)
+    for row in queued:
+        after = m.fallback_after(row["template"])
+        await ctx.events.publish("notification_fallback", {
+            "notification_id": row["id"], "channel": "whatsapp", "template": row["template"],
+            "error": f"whatsapp: not delivered within {after:g} s", "fallback": "sms",
+        })
+    if queued:
+        log.info("notification_fallbacks_queued", count=len(queued),
+                 reason="not_delivered_in_time")
+    return len(queued)
 
 
 def register(deps: Deps) -> None:
@@ -99,8 +113,8 @@ def register(deps: Deps) -> None:
     async def reminders(_slot: int) -> None:
         await queue_reminders(ctx)
 
-    async def fallbacks(_slot: int) -> None:
-        await queue_overdue_fallbacks(ctx)
+    async def fallbacks(slot: int) -> None:
+        await queue_overdue_fallbacks(ctx, now=slot / 1000)
 
     deps.engine.add_timer("billing_runs", bills, every=ctx.cfg.bills_every_s)
     deps.engine.add_timer("expiry_reminders", reminders, every=ctx.cfg.reminders_every_s)

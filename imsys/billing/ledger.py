@@ -116,51 +116,59 @@ async def note_failure(db: Executor, notification_id: int) -> None:
     )
 
 
+# The source rows are locked, in id order (two timers never deadlock), and re-read: a
+# receipt committed since the caller chose them (delivered or read) ends the fallback,
+# and one still being written is waited for, then seen.
 _FALLBACK = """
 WITH src AS (
     SELECT n.id, n.tenant_id, n.subscriber_id, n.recipient, n.template, n.body, n.vars
     FROM notifications n LEFT JOIN tenant_messaging tm ON tm.tenant_id = n.tenant_id
     WHERE n.id = ANY($1::bigint[]) AND n.channel = 'whatsapp' AND n.fallback_id IS NULL
       AND n.fallback_of IS NULL AND COALESCE(tm.sms_fallback, true)
+      AND n.status IN ('sent', 'failed')
+    ORDER BY n.id
+    FOR UPDATE OF n
 ), fb AS (
     INSERT INTO notifications (tenant_id, subscriber_id, channel, recipient, template, body,
                                vars, dedupe_key, fallback_of)
     SELECT tenant_id, subscriber_id, 'sms', recipient, template, body, vars,
            'fallback:' || id, id FROM src
     ON CONFLICT (dedupe_key) DO NOTHING
-    RETURNING id, fallback_of
+    RETURNING id, fallback_of, template
 ), link AS (
     UPDATE notifications n SET fallback_id = fb.id FROM fb WHERE n.id = fb.fallback_of
-    RETURNING 1
 ), queued AS (
     INSERT INTO outbox (stream, type, payload, job_id)
     SELECT $2, $3, jsonb_build_object('notification_id', id), $3 || ':' || id FROM fb
-    RETURNING 1
 )
-SELECT (SELECT count(*) FROM queued) + 0 * (SELECT count(*) FROM link)
+SELECT fallback_of AS id, template FROM fb ORDER BY fallback_of
 """
 
 
-async def queue_fallback(db: Executor, ids: list[int], notify: JobSpec[Any]) -> int:
-    """Queue the SMS for each failed WhatsApp message of ``ids`` that may have one."""
+async def queue_fallback(db: Executor, ids: list[int], notify: JobSpec[Any]) -> list[Any]:
+    """Queue the SMS for each failed or overdue WhatsApp message of ``ids`` that may have
+    one; the rows (``id``, ``template``) of the messages that got it now."""
     if not ids:
-        return 0
-    return int(await db.fetchval(_FALLBACK, ids, notify.stream, notify.name))
+        return []
+    return list(await db.fetch(_FALLBACK, ids, notify.stream, notify.name))
 
 
-async def overdue_whatsapp(db: Executor, after_s: dict[str, float], default_s: float) -> list[int]:
-    """WhatsApp messages still only ``sent`` past their kind's fallback time."""
+async def overdue_whatsapp(
+    db: Executor, after_s: dict[str, float], default_s: float, now: datetime
+) -> list[int]:
+    """WhatsApp messages still only ``sent`` at ``now`` past their kind's fallback time."""
     rows = await db.fetch(
         """
         SELECT n.id FROM notifications n
         WHERE n.status = 'sent' AND n.channel = 'whatsapp' AND n.fallback_id IS NULL
           AND n.fallback_of IS NULL
-          AND n.sent_at < now() - make_interval(secs => COALESCE(
+          AND n.sent_at < $3::timestamptz - make_interval(secs => COALESCE(
               ($1::jsonb ->> n.template)::float8, $2))
         ORDER BY n.sent_at LIMIT 1000
         """,
         orjson.dumps(after_s).decode(),
         default_s,
+        now,
     )
     return [r["id"] for r in rows]
 

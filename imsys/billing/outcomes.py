@@ -36,7 +36,7 @@ async def after_status(
         return 0
     queued = 0
     if row["channel"] == "whatsapp":
-        queued = await ledger.queue_fallback(db, [nid], notify)
+        queued = len(await ledger.queue_fallback(db, [nid], notify))
     elif row["fallback_of"] is not None:
         await ledger.note_failure(db, nid)
     payload: dict[str, Any] = {

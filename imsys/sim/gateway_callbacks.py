@@ -78,6 +78,9 @@ class Receipts:
     unreachable: dict[str, set[str]] = field(
         default_factory=lambda: {"sms": set(), "whatsapp": set()}
     )
+    # WhatsApp numbers whose phone is off (or out of coverage): the message is reported
+    # ``sent`` and nothing more, since it never reaches the device.
+    offline: set[str] = field(default_factory=set)
 
 
 class Callbacks:
@@ -155,11 +158,13 @@ class Callbacks:
         error = WA_REENGAGEMENT if outside_window else (
             WA_UNDELIVERABLE if self._fails("whatsapp", to) else None)
         read = self._random.random() < self.receipts.read_ratio
-        self._spawn(self._whatsapp_sequence(phone_number_id, wamid, to, error, read))
+        off = to.lstrip("+") in {n.lstrip("+") for n in self.receipts.offline}
+        self._spawn(self._whatsapp_sequence(phone_number_id, wamid, to, error, read, off))
 
     async def _whatsapp_sequence(self, phone_number_id: str, wamid: str, to: str,
-                                 error: int | None, read: bool) -> None:
-        steps = ["failed"] if error else ["sent", "delivered", *(["read"] if read else [])]
+                                 error: int | None, read: bool, off: bool) -> None:
+        steps = ["failed"] if error else ["sent"] if off else [
+            "sent", "delivered", *(["read"] if read else [])]
         for status in steps:
             await asyncio.sleep(self.receipts.delay)
             item: dict[str, Any] = {"id": wamid, "status": status,

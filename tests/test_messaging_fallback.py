@@ -18,23 +18,28 @@ from imsys.billing import ledger
 from imsys.billing.context import BillingContext
 from imsys.billing.domain import queue_overdue_fallbacks
 from imsys.billing.notify import SEND_NOTIFICATION
-from imsys.settings import Settings
+from imsys.settings import Settings, WhatsAppTemplate
 from imsys.sim.gateway import GatewaySimulator
 from imsys.streams.timers import Timer, TimerRunner
 from tests.events_support import backend_events
 from tests.messaging_support import MessagingStack, open_stack
 from tests.sync_support import _teardown
 
-# Reminders fall back after a minute, every other kind after an hour.
-WINDOWS = {"reminder": 60.0, "*": 3600.0}
+# Kinds of this file's own, so that other tests' messages in the shared database (under
+# "*", far off) are never overdue here: one falls back after a minute, one after an hour.
+SHORT, LONG = "fb_short", "fb_long"
+WINDOWS = {SHORT: 60.0, LONG: 3600.0, "*": 1e9}
 
 
 @pytest.fixture
 async def messaging(
     settings: Settings, redis: Redis, db: asyncpg.Pool, prefix: str
 ) -> AsyncIterator[MessagingStack]:
+    templates = {**settings.messaging.whatsapp_templates,
+                 SHORT: WhatsAppTemplate(name="renewal_reminder", params=["name"]),
+                 LONG: WhatsAppTemplate(name="invoice_notice", params=["name"])}
     settings = settings.model_copy(update={"messaging": settings.messaging.model_copy(
-        update={"fallback_after_s": WINDOWS})})
+        update={"fallback_after_s": WINDOWS, "whatsapp_templates": templates})})
     gateway = GatewaySimulator()
     await gateway.start()
     m, http, pool, runner = await open_stack(settings, redis, db, prefix, gateway)
@@ -62,18 +67,18 @@ async def _sent_at(m: MessagingStack, ids: list[int]) -> tuple[float, float]:
 async def test_not_delivered_in_time_goes_once_by_sms(
     messaging: MessagingStack, database_url: str
 ) -> None:
-    """Two reminders to phones that are off stay ``sent``: before the reminder window
-    closes the timer queues nothing; after it, each goes once by SMS, however many
-    times the timer fires (two slots, two processes at once on one slot, two calls at
-    once on another pool). A reminder delivered in time and an invoice still inside
-    its longer window get no SMS; a delivered message chosen just before its receipt
-    landed gets none either."""
+    """Two messages of a one-minute kind to phones that are off stay ``sent``: before
+    the window closes the timer queues nothing; after it, each goes once by SMS, however
+    many times the timer fires (two slots, two processes at once on one slot, two calls
+    at once on another pool). One delivered in time and one of a one-hour kind still
+    inside its window get no SMS; a delivered message chosen just before its receipt
+    landed gets none either. Past the hour, the other one goes too."""
     m = messaging
     g = m.gateway
     g.receipts.offline |= {"+254791000001", "+254791000002", "+254792000001"}
-    off = await m.notify(2, channel="whatsapp", start=91_000_001)
-    [reached] = await m.notify(1, channel="whatsapp", start=91_000_003)
-    [invoice] = await m.notify(1, channel="whatsapp", start=92_000_001, template="invoice")
+    off = await m.notify(2, channel="whatsapp", start=91_000_001, template=SHORT)
+    [reached] = await m.notify(1, channel="whatsapp", start=91_000_003, template=SHORT)
+    [invoice] = await m.notify(1, channel="whatsapp", start=92_000_001, template=LONG)
     await m.quiet()
     rows = await m.ledger([*off, reached, invoice])
     assert [rows[i]["status"] for i in off] == ["sent", "sent"]
@@ -124,7 +129,7 @@ async def test_not_delivered_in_time_goes_once_by_sms(
                                   "notification_fallback")
     assert sorted(e["payload"]["notification_id"] for e in events) == off
     assert all("not delivered within 60 s" in e["payload"]["error"] for e in events)
-    # The invoice's own window (the "*" one) closes later: then it goes too.
+    # The one-hour kind's window closes later: then it goes too.
     assert await queue_overdue_fallbacks(ctx, now=last + 3601) == 1
     await m.quiet()
     assert sorted(x.to for x in g.messages("sms")) == [
@@ -144,8 +149,9 @@ async def test_tenant_without_fallback_gets_no_sms(messaging: MessagingStack) ->
     await m.stack.db.execute(
         "INSERT INTO tenant_messaging (tenant_id, sms_fallback) VALUES ($1, false)", quiet
     )
-    [theirs] = await m.notify(1, channel="whatsapp", start=93_000_001, tenant_id=quiet)
-    [ours] = await m.notify(1, channel="whatsapp", start=93_000_002)
+    [theirs] = await m.notify(1, channel="whatsapp", start=93_000_001, tenant_id=quiet,
+                              template=SHORT)
+    [ours] = await m.notify(1, channel="whatsapp", start=93_000_002, template=SHORT)
     await m.quiet()
     _, last = await _sent_at(m, [theirs, ours])
     await _timer(m).fn(int((last + 61) * 1000))

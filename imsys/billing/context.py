@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import asyncpg
 
 from imsys.deps import Deps
-from imsys.events import ChannelControl
+from imsys.events.channels import ChannelControl, fair_share
 from imsys.providers.accounts import Accounts
 from imsys.publisher import EventPublisher
 from imsys.settings import BillingSettings, MessagingSettings
-from imsys.streams.limits import RateLimiter
+from imsys.streams.fair import FairShare
 from imsys.streams.producer import Producer
 
 
@@ -21,8 +21,9 @@ class BillingContext:
     cfg: BillingSettings
     producer: Producer
     events: EventPublisher
-    # Messages per second per channel, across every process.
-    rates: RateLimiter
+    # Messages per second per channel and account, across every process, shared
+    # fairly between tenants (imsys/streams/fair.py).
+    fair: FairShare
     # The events domain's channel switch: a stopped channel holds its messages.
     channels: ChannelControl
     # The global provider account and each tenant's own.
@@ -36,7 +37,7 @@ class BillingContext:
             cfg=deps.settings.billing,
             producer=deps.engine.producer,
             events=deps.events,
-            rates=deps.engine.rates,
+            fair=fair_share(deps),
             channels=ChannelControl.from_deps(deps),
             accounts=build_accounts(deps),
             messaging=deps.settings.messaging,

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import re
-import time
-from typing import Any, Final
+from typing import Any
 
 import orjson
 import structlog
@@ -13,6 +12,7 @@ from pydantic import BaseModel
 from imsys.billing import ledger, outcomes, repo
 from imsys.billing.context import BillingContext
 from imsys.errors import Deferred, PermanentError, RetryableError
+from imsys.events.channels import send_key
 from imsys.providers.errors import OutOfCredits, ProviderRejected
 from imsys.streams.job import Job, JobSpec
 from imsys.tenants import require_active
@@ -22,8 +22,6 @@ log = structlog.get_logger("imsys.billing")
 # A claim on a message older than this belongs to a delivery that died mid-call (well past
 # any provider timeout): another delivery may send it.
 SENDING_LEASE_S = 120.0
-# A tenant that sent this recently counts as sending now, for its share of the rate.
-_ACTIVE_MS: Final = 5_000
 
 
 class SendNotification(BaseModel):
@@ -39,24 +37,13 @@ def notification_job_id(notification_id: int) -> str:
     return f"{SEND_NOTIFICATION.name}:{notification_id}"
 
 
-async def _pace(ctx: BillingContext, channel: str, tenant_id: int | None) -> None:
-    """The channel's send rate, shared fairly: each tenant sending now gets rate / n.
-
-    Tenants seen sending in the last few seconds count; one alone gets the whole rate.
-    """
+async def _turn(ctx: BillingContext, note: Any) -> None:
+    """Wait for the message's turn at its channel's rate on its account: tenants that
+    send at once share it evenly, and OTPs (imsys/events/otp.py) go first."""
+    channel = note["channel"]
     rate = ctx.cfg.send_rate_per_s.get(channel, 10.0)
-    if tenant_id is not None:
-        now = int(time.time() * 1000)
-        key = ctx.channels.keys.limit(f"notify:{channel}:tenants")
-        pipe = ctx.channels.redis.pipeline(transaction=False)
-        pipe.zadd(key, {str(tenant_id): now})
-        pipe.zremrangebyscore(key, 0, now - _ACTIVE_MS)
-        pipe.zcard(key)
-        pipe.pexpire(key, _ACTIVE_MS * 2)
-        _, _, active, _ = await pipe.execute()
-        share = rate / max(1, int(active))
-        await ctx.rates.acquire(f"notify:{channel}:t:{tenant_id}", share)
-    await ctx.rates.acquire(f"notify:{channel}", rate)
+    await ctx.fair.turn(send_key(channel, note["account"]), f"n:{note['id']}",
+                        f"t:{note['tenant_id'] or 0}", rate)
 
 
 async def deliver(ctx: BillingContext, note: Any) -> tuple[str, str, str | None]:
@@ -111,7 +98,7 @@ async def send_notification(ctx: BillingContext, job: Job[SendNotification]) -> 
     # Stopped channels hold their messages (service_control, or the tenant's account out
     # of credit): Deferred, no attempt.
     await ctx.channels.ensure_running(channel, tenant_id)
-    await _pace(ctx, channel, tenant_id)
+    await _turn(ctx, note)
     claimant = f"{job.id}:{job.delivery}"
     claim = await repo.claim_sending(
         ctx.db, nid, claimant, lease_s=SENDING_LEASE_S, fence=job.ensure_current

@@ -27,12 +27,14 @@ from redis.asyncio import Redis
 
 from imsys.backoff import REDIS_DOWN
 from imsys.errors import Deferred
+from imsys.streams.fair import FairShare
 from imsys.streams.keys import Keys
 
 if TYPE_CHECKING:
     from imsys.deps import Deps
 
-__all__ = ["CHANNELS", "Channel", "ChannelControl", "ServiceState", "State"]
+__all__ = ["CHANNELS", "Channel", "ChannelControl", "ServiceState", "State", "fair_share",
+           "send_key"]
 
 Channel = Literal["sms", "whatsapp", "email"]
 State = Literal["running", "stopped"]
@@ -177,6 +179,20 @@ class ChannelControl:
             by=who or None,
             changed=changed == "1",
         )
+
+
+def fair_share(deps: Deps) -> FairShare:
+    """The channels' send rates, shared between tenants, OTPs first (one per context)."""
+    # A message that gives its consumer slot up comes back through the delayed store, up
+    # to a promote interval late: it leaves early enough to be back before its turn.
+    hold = max(0.1, 2 * deps.settings.engine.promote_interval_s)
+    return FairShare(deps.redis, deps.engine.keys, hold_s=hold)
+
+
+def send_key(channel: str, account: str | None) -> str:
+    """The send rate a message takes its turn at (imsys/streams/fair.py): its channel on
+    its provider account (None: the global one). OTPs and billing share it."""
+    return f"notify:{channel}:{account or '-'}"
 
 
 def _text(value: object) -> str:

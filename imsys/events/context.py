@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from imsys.deps import Deps
-from imsys.events.channels import ChannelControl
+from imsys.events.channels import ChannelControl, fair_share
 from imsys.events.whatsapp_token import TokenWatch
 from imsys.providers.email import SmtpClient
 from imsys.providers.whatsapp import WhatsAppClient
 from imsys.publisher import EventPublisher
 from imsys.settings import EventsSettings
+from imsys.streams.fair import FairShare
 from imsys.streams.keys import Keys
 
 
@@ -25,6 +26,9 @@ class EventsContext:
     channels: ChannelControl
     whatsapp: WhatsAppClient
     smtp: SmtpClient
+    # The channels' send rates, which OTPs take ahead of bulk messages.
+    fair: FairShare
+    send_rate_per_s: dict[str, float]
 
     @classmethod
     def from_deps(cls, deps: Deps) -> EventsContext:
@@ -40,4 +44,6 @@ class EventsContext:
             channels=ChannelControl.from_deps(deps),
             whatsapp=whatsapp,
             smtp=SmtpClient(deps.settings.smtp),
+            fair=fair_share(deps),
+            send_rate_per_s=deps.settings.billing.send_rate_per_s,
         )

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imsys.backoff import REDIS_DOWN
 from imsys.errors import Deferred, Expired, PermanentError, RetryableError
+from imsys.events.channels import send_key
 from imsys.events.context import EventsContext
 from imsys.streams.job import MASK, Job, JobSpec, now_ms
 
@@ -114,6 +115,9 @@ async def deliver(ctx: EventsContext, job: Job[Any], channel: OtpChannel) -> Non
         return
     await _check_expiry(ctx, job, channel)
     await ctx.channels.ensure_running(channel)
+    # The channel's rate is shared with bulk notifications; an OTP takes it first.
+    await ctx.fair.turn(send_key(channel, None), f"otp:{job.id}", "otp",
+                        ctx.send_rate_per_s.get(channel, 10.0), priority=True)
     # Last check before the code leaves: a delivery whose claim another process took
     # (it stalled) raises FencedOut here and sends nothing; the current one sends.
     await job.ensure_current()

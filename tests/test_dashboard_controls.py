@@ -45,7 +45,8 @@ async def test_dashboard_pauses_and_resumes_a_stream_and_marks_maintenance(
     """The Pause button of a stream pauses it in the engine (badge and Resume shown), the
     Resume button resumes it; a router in maintenance carries a mark with its end."""
     stack = isolated_stack
-    until = datetime.now(UTC) + timedelta(hours=2)
+    # Well inside the hour it is shown in (2 h exactly can round to "2h 0m").
+    until = datetime.now(UTC) + timedelta(hours=1, minutes=50)
     await set_maintenance(stack.db, stack.router_id, until)
     async with (
         TestServer(build_http(stack.deps), host="127.0.0.1") as server,

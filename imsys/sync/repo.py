@@ -103,54 +103,6 @@ async def router_subscribers(conn: Executor, router_id: int) -> list[SubscriberR
     return [subscriber_from(r) for r in rows]
 
 
-async def mark_synced(
-    pool: asyncpg.Pool, sub: SubscriberRow, *, kicked: bool, fence: Fence
-) -> bool:
-    """Record success only if the desired state did not change meanwhile.
-
-    The row is locked before ``fence`` runs: a process that claimed the job later waits
-    here and reads what this run wrote; one that claimed it earlier makes ``fence`` raise
-    ``FencedOut`` and nothing is written.
-    """
-    async with pool.acquire() as conn, conn.transaction():
-        current = await _lock_subscriber(conn, sub)
-        await fence()
-        if not current:
-            return False
-        status = await conn.execute(
-            """
-            UPDATE subscribers
-            SET sync_status = 'synced', sync_error = NULL, synced_version = $2,
-                blocked_version = NULL,
-                last_synced_at = now(), pending_correlations = '{}',
-                kick_required = CASE WHEN $3 THEN false ELSE kick_required END
-            WHERE id = $1 AND desired_version = $2
-            """,
-            sub.id,
-            sub.version,
-            kicked,
-        )
-    return status.endswith(" 1")
-
-
-async def mark_error(pool: asyncpg.Pool, sub: SubscriberRow, message: str, *, fence: Fence) -> None:
-    """Record a failed sync of the version it tried (locked and fenced as ``mark_synced``)."""
-    async with pool.acquire() as conn, conn.transaction():
-        current = await _lock_subscriber(conn, sub)
-        await fence()
-        if not current:
-            return
-        await conn.execute(
-            """
-            UPDATE subscribers SET sync_status = 'error', sync_error = $3
-            WHERE id = $1 AND desired_version = $2
-            """,
-            sub.id,
-            sub.version,
-            message[:1000],
-        )
-
-
 async def set_written_password(
     conn: Executor, subscriber_id: int, digest: str | None, *, fence: Fence
 ) -> None:
@@ -166,9 +118,14 @@ async def set_written_password(
 async def mark_blocked(
     pool: asyncpg.Pool, sub: SubscriberRow, message: str, *, fence: Fence
 ) -> bool | None:
-    """Record that an unmanaged twin blocks this version (locked and fenced as
-    ``mark_synced``): True the first time for this version (worth one event), False
-    after that, None when the desired state moved on meanwhile (nothing written)."""
+    """Record that an unmanaged twin blocks this version: True the first time for this
+    version (worth one event), False after that, None when the desired state moved on
+    meanwhile (nothing written).
+
+    The row is locked before ``fence`` runs, as a batch's record is
+    (``batch_repo.lock_versions``): a process that claimed the job later waits here and
+    reads what this run wrote; one that claimed it earlier makes ``fence`` raise
+    ``FencedOut`` and nothing is written."""
     async with pool.acquire() as conn, conn.transaction():
         current = await _lock_subscriber(conn, sub)
         await fence()

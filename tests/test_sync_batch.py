@@ -119,6 +119,9 @@ async def test_one_failed_write_fails_only_its_subscriber(
     synced_events = Counter(e["subscriber_id"] for e in await events_of(stack, "subscriber_synced"))
     assert synced_events == Counter({sid: 1 for sid in ids if sid != victim})
     assert await stack.engine.dead_letters.count() == 0
+    # Blocked is a final state: the first attempt's retry details are gone.
+    row = await stack.subscriber(victim)
+    assert (row["sync_status"], row["sync_attempt"], row["next_sync_at"]) == ("error", None, None)
     outcomes = await stack.db.fetch(
         "SELECT outcome FROM audit_log WHERE subscriber_id = $1 ORDER BY id", victim
     )

@@ -133,7 +133,8 @@ async def mark_blocked(
             return None
         first = await conn.fetchval(
             """
-            UPDATE subscribers s SET sync_status = 'error', sync_error = $3, blocked_version = $2
+            UPDATE subscribers s SET sync_status = 'error', sync_error = $3, blocked_version = $2,
+                sync_attempt = NULL, next_sync_at = NULL
             FROM (SELECT blocked_version FROM subscribers WHERE id = $1) AS old
             WHERE s.id = $1 AND s.desired_version = $2
             RETURNING old.blocked_version IS DISTINCT FROM $2

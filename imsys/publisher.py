@@ -72,19 +72,22 @@ class EventPublisher:
         self.key = keys.backend_events
         self.retention_ms = int(retention_hours * 3_600_000)
 
+    def _add(self, client: Any, type_: EventType, payload: Mapping[str, Any], now: int) -> Any:
+        """XADD one event on ``client`` (the connection, or a pipeline)."""
+        off_contract(type_, payload)
+        return client.xadd(
+            self.key,
+            {"type": type_, "payload": orjson.dumps(payload).decode(), "ts": str(now)},
+            minid=str(now - self.retention_ms),
+            # Exact: "~" only drops whole radix-tree nodes (~100 entries), so a quiet
+            # stream would keep day-old events forever. Cutting the head is cheap.
+            approximate=False,
+        )
+
     async def publish(self, type_: EventType, payload: Mapping[str, Any]) -> str | None:
         """Add one event; a Redis outage loses the event (logged), never the job."""
-        off_contract(type_, payload)
-        now = int(time.time() * 1000)
         try:
-            entry_id = await self.redis.xadd(
-                self.key,
-                {"type": type_, "payload": orjson.dumps(payload).decode(), "ts": str(now)},
-                minid=str(now - self.retention_ms),
-                # Exact: "~" only drops whole radix-tree nodes (~100 entries), so a quiet
-                # stream would keep day-old events forever. Cutting the head is cheap.
-                approximate=False,
-            )
+            entry_id = await self._add(self.redis, type_, payload, int(time.time() * 1000))
         except REDIS_DOWN as exc:
             log.warning("backend_event_lost", type=type_, error=redact_text(str(exc)))
             return None
@@ -94,23 +97,22 @@ class EventPublisher:
         return str(entry_id)
 
     async def publish_many(self, events: Sequence[tuple[EventType, Mapping[str, Any]]]) -> int:
-        """Add several events in one round trip (a pipeline); how many were added. A
-        Redis outage loses them (logged), never the jobs."""
+        """Add several events (and their seed aliases) in one round trip; how many were
+        added. A Redis outage loses them (logged), never the jobs."""
         if not events:
             return 0
         now = int(time.time() * 1000)
         pipe = self.redis.pipeline(transaction=False)
+        added = 0
         for type_, payload in events:
-            off_contract(type_, payload)
-            pipe.xadd(
-                self.key,
-                {"type": type_, "payload": orjson.dumps(payload).decode(), "ts": str(now)},
-                minid=str(now - self.retention_ms),
-                approximate=False,
-            )
+            self._add(pipe, type_, payload, now)
+            alias = seed_alias(type_, payload)
+            if alias is not None:
+                self._add(pipe, "email-sent", alias, now)
+            added += 1 + (alias is not None)
         try:
             await pipe.execute()
         except REDIS_DOWN as exc:
-            log.warning("backend_events_lost", count=len(events), error=redact_text(str(exc)))
+            log.warning("backend_events_lost", count=added, error=redact_text(str(exc)))
             return 0
-        return len(events)
+        return added

@@ -61,6 +61,24 @@ async def test_email_notification_publishes_email_sent(redis: Redis, prefix: str
     assert entries[2][1]["payload"] == alias
 
 
+async def test_events_published_together_bring_their_alias_too(redis: Redis, prefix: str) -> None:
+    """publish_many (one pipeline) gives each e-mail notification its email-sent, as
+    publish does, and none to other events."""
+    events = EventPublisher(redis, Keys(prefix))
+    added = await events.publish_many([
+        ("subscriber_synced", {"subscriber_id": 1, "router_id": 1, "changed": [],
+                               "kicked": False}),
+        ("notification_sent", {"notification_id": 43, "channel": "email",
+                               "template": "invoice", "provider_message_id": "m3"}),
+    ])
+    entries = await redis.xrange(Keys(prefix).backend_events)
+    assert added == 3
+    assert [f["type"] for _, f in entries] == ["subscriber_synced", "notification_sent",
+                                              "email-sent"]
+    alias = '{"of":"notification_sent","id":"43","provider_message_id":"m3"}'
+    assert entries[2][1]["payload"] == alias
+
+
 async def test_whatsapp_token_changes_publish_connected_and_disconnected(
     stack: EventsStack,
 ) -> None:

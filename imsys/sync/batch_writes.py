@@ -12,6 +12,7 @@ from imsys.sync import batch_repo
 from imsys.sync.batch_item import Item, fence_items
 from imsys.sync.context import SyncContext
 from imsys.sync.desired import public_fields
+from imsys.sync.handlers import audit_outcome
 
 Phase = Literal["remove", "add", "set"]
 
@@ -71,7 +72,7 @@ async def apply_waves(ctx: SyncContext, ros: RouterSession, items: list[Item]) -
         outcomes: list[tuple[list[int], str | None]] = []
         lost: RouterUnavailable | None = None
         for (i, (w, _, _)), row_ids, result in zip(planned, ids, results, strict=True):
-            outcomes.append((row_ids, _outcome(result)))
+            outcomes.append((row_ids, audit_outcome(result)))
             if isinstance(result, FencedOut):
                 i.error = result
             elif isinstance(result, RouterUnavailable):
@@ -96,17 +97,6 @@ async def apply_waves(ctx: SyncContext, ros: RouterSession, items: list[Item]) -
         if i.alive and i.steps is not None and i.steps.password_digest is not None:
             i.password_digest = i.steps.password_digest
     return sent
-
-
-def _outcome(result: str | Exception) -> str | None:
-    if isinstance(result, FencedOut):
-        return None  # never sent: the row goes
-    if isinstance(result, RouterUnavailable):
-        prefix = "unknown: connection lost after sending" if result.maybe_applied else "failed"
-        return f"{prefix}: {result}"
-    if isinstance(result, Exception):
-        return f"failed: {result}"
-    return "ok"
 
 
 def _learn(i: Item, w: Write, result: str) -> None:

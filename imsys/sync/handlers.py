@@ -153,18 +153,28 @@ class Auditor:
         try:
             await self.job.ensure_current()
             result = await command()
-        except FencedOut:
-            await repo.audit_withdraw(self.ctx.db, ids)  # nothing was sent
-            raise
-        except RouterUnavailable as exc:
-            outcome = "unknown: connection lost after sending" if exc.maybe_applied else "failed"
-            await repo.audit_outcome(self.ctx.db, ids, f"{outcome}: {exc}")
-            raise
         except Exception as exc:
-            await repo.audit_outcome(self.ctx.db, ids, f"failed: {exc}")
+            outcome = audit_outcome(exc)
+            if outcome is None:
+                await repo.audit_withdraw(self.ctx.db, ids)
+            else:
+                await repo.audit_outcome(self.ctx.db, ids, outcome)
             raise
         await repo.audit_outcome(self.ctx.db, ids, "ok")
         return result
+
+
+def audit_outcome(result: object) -> str | None:
+    """What the audit log says of a command that returned ``result`` or raised it; None
+    for a command never sent (a refused fence): its intent rows are withdrawn."""
+    if isinstance(result, FencedOut):
+        return None
+    if isinstance(result, RouterUnavailable):
+        prefix = "unknown: connection lost after sending" if result.maybe_applied else "failed"
+        return f"{prefix}: {result}"
+    if isinstance(result, Exception):
+        return f"failed: {result}"
+    return "ok"
 
 
 async def end_sessions(ros: RouterSession, username: str, audit: Auditor) -> None:
